@@ -1,0 +1,199 @@
+"""tlkit.report: the files a run's report/ folder must contain, and that they are valid."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tlkit.metrics import classification_metrics, softmax
+from tlkit.report import (
+    plot_confusion_matrix,
+    plot_reliability,
+    plot_roc_pr,
+    plot_scores_over_time,
+    plot_training_curves,
+    read_metrics_jsonl,
+    write_per_class_csv,
+    write_report,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path: Path | None) -> None:
+    assert path is not None and path.exists(), path
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, f"{path} is not a PNG"
+    assert len(data) > 2000, f"{path} is suspiciously small ({len(data)} bytes)"
+
+
+@pytest.fixture
+def binary_case() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, size=120)
+    logits = np.stack([np.zeros(y.size), 2.0 * (2 * y - 1) + rng.normal(0, 1.5, size=y.size)], axis=1)
+    return softmax(logits), y
+
+
+@pytest.fixture
+def jsonl(tmp_path: Path) -> Path:
+    p = tmp_path / "metrics.jsonl"
+    rows = [
+        {"epoch": 1, "train_loss": 1.2, "val_loss": 1.0, "val_top1": 0.55, "val_top5": 0.9, "lr": 1e-3},
+        {"epoch": 2, "train_loss": 0.8, "val_loss": 0.9, "val_top1": 0.65, "lr": 5e-4, "img_per_s": 100.0},
+        {"epoch": 3, "train_loss": 0.6, "val_top1": 0.70, "val_top5": 0.97, "lr": 1e-4, "seconds": 12.5},
+    ]
+    p.write_text("\n".join(json.dumps(r) for r in rows) + '\n{"epoch": 4, "train_l', encoding="utf-8")
+    return p
+
+
+def test_training_curves(jsonl: Path, tmp_path: Path) -> None:
+    rows = read_metrics_jsonl(jsonl)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]  # half-written last line skipped
+    assert_png(plot_training_curves(jsonl, tmp_path / "curves.png"))
+
+
+def test_training_curves_empty_returns_none(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n", encoding="utf-8")
+    assert plot_training_curves(empty, tmp_path / "x.png") is None
+    assert plot_training_curves(tmp_path / "missing.jsonl", tmp_path / "y.png") is None
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_training_curves_repeated_epoch_keeps_last(tmp_path: Path) -> None:
+    p = tmp_path / "m.jsonl"
+    p.write_text(
+        '{"epoch": 1, "train_loss": 2}\n{"epoch": 2, "train_loss": 9}\n{"epoch": 2, "train_loss": 1}\n'
+    )
+    assert [r["train_loss"] for r in read_metrics_jsonl(p)] == [2, 1]
+
+
+@pytest.mark.parametrize("c", [2, 43])
+def test_confusion_matrix_png(tmp_path: Path, c: int) -> None:
+    rng = np.random.default_rng(c)
+    cm = rng.integers(0, 20, size=(c, c)) + np.diag(rng.integers(50, 100, size=c))
+    cm[0] = 0  # a class absent from the test set must not produce NaNs
+    names = [f"class_{i}" for i in range(c)]
+    assert_png(plot_confusion_matrix(cm, names, tmp_path / f"cm{c}.png"))
+    if c == 2:  # the 43-class figure is slow to render; once is enough
+        assert_png(plot_confusion_matrix(cm, names, tmp_path / f"cm{c}_counts.png", normalize=False))
+
+
+def test_roc_pr_and_one_class(binary_case, tmp_path: Path) -> None:
+    probs, y = binary_case
+    paths = plot_roc_pr(probs[:, 1], y, tmp_path, "abnormal", threshold=0.5)
+    assert [p.name for p in paths] == ["roc.png", "pr.png"]
+    for p in paths:
+        assert_png(p)
+    assert plot_roc_pr(probs[:, 1], np.ones_like(y), tmp_path / "none", "abnormal") == []
+
+
+def test_reliability_png(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 4, size=300)
+    logits = rng.normal(size=(300, 4))
+    logits[np.arange(300), y] += 1.5
+    assert_png(plot_reliability(softmax(logits * 4), softmax(logits), y, tmp_path / "rel.png"))
+    assert_png(plot_reliability(softmax(logits), None, y, tmp_path / "rel_before_only.png"))
+
+
+def test_scores_over_time_png(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    labels = np.zeros(300, dtype=int)
+    labels[100:150] = 1
+    labels[220:240] = 1
+    scores = 0.2 + 0.6 * labels + rng.normal(0, 0.1, size=300)
+    assert_png(plot_scores_over_time(scores, labels, 0.5, tmp_path / "s.png", "clip 01"))
+    assert_png(plot_scores_over_time(scores, None, None, tmp_path / "s2.png", "no labels"))
+    events = [{"start": 100, "end": 150}, (220, 240)]
+    assert_png(plot_scores_over_time(scores, labels, 0.5, tmp_path / "s3.png", "events", events=events))
+
+
+def test_per_class_csv(tmp_path: Path) -> None:
+    probs = np.array([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.7, 0.2, 0.1]])
+    m = classification_metrics(probs, [0, 1, 1], ["cat", "dog", "eel"])
+    with write_per_class_csv(m, tmp_path / "pc.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["class"] for r in rows] == ["cat", "dog", "eel"]
+    assert rows[1]["n"] == "2" and float(rows[1]["accuracy"]) == pytest.approx(0.5)
+    assert rows[2]["n"] == "0" and rows[2]["accuracy"] == ""  # undefined, not 0
+
+
+CONTEXT = {
+    "recipe": "pneumonia_resnet50",
+    "arch": "resnet50",
+    "init": "imagenet_pretrained",
+    "data": "chest_xray",
+    "strategy": "finetune_all",
+    "epochs": 3,
+}
+
+
+def test_write_report_binary(binary_case, jsonl: Path, tmp_path: Path) -> None:
+    probs, y = binary_case
+    names = ["NORMAL", "PNEUMONIA"]
+    m = classification_metrics(probs, y, names, threshold=0.42, loss=0.3456)
+    out = tmp_path / "report"
+    md = write_report(
+        out,
+        m,
+        probs=probs,
+        targets=y,
+        class_names=names,
+        metrics_jsonl=jsonl,
+        context=CONTEXT,
+        title="Pneumonia",
+    )
+    assert md == out / "report.md"
+    for name in ["confusion_matrix.png", "roc.png", "pr.png", "training_curves.png"]:
+        assert_png(out / name)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["auroc"] == pytest.approx(m["auroc"]) and saved["threshold"] == 0.42
+    assert (out / "per_class.csv").read_text().startswith("class,n,accuracy")
+
+    text = md.read_text()
+    assert text.startswith("# Pneumonia")
+    for value in CONTEXT.values():
+        assert str(value) in text
+    for key in ["top1", "auroc", "pr_auc", "sensitivity", "specificity", "threshold", "loss"]:
+        assert f"| {key} | {m[key]:.4f} |" in text, key
+    assert "**PNEUMONIA** as positive" in text
+    for png in ["confusion_matrix.png", "roc.png", "pr.png", "training_curves.png"]:
+        assert f"]({png})" in text
+
+
+def test_write_report_multiclass_from_probs_only(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    c = 43
+    y = rng.integers(0, c, size=500)
+    logits = rng.normal(size=(500, c))
+    logits[np.arange(500), y] += 3.0
+    probs = softmax(logits)
+    names = [f"sign_{i}" for i in range(c)]
+    # Empty metrics: write_report computes them from probs.
+    md = write_report(tmp_path / "r", {}, probs=probs, targets=y, class_names=names)
+    out = tmp_path / "r"
+    assert_png(out / "confusion_matrix.png")
+    assert not (out / "roc.png").exists()
+    saved = json.loads((out / "metrics.json").read_text())
+    assert len(saved["confusion_matrix"]) == c
+    text = md.read_text()
+    assert f"| top1 | {saved['top1']:.4f} |" in text
+    assert "## Most confused pairs" in text and "## Weakest classes" in text
+
+
+def test_write_report_without_probs(tmp_path: Path) -> None:
+    m = {"n": 10, "frame_auroc": 0.8765, "top1": None, "note": "video", "nan_metric": float("nan")}
+    md = write_report(tmp_path / "r", m, context={"data": "avenue"})
+    out = tmp_path / "r"
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "report.md"]
+    # Strict JSON (NaN is not JSON): parse_constant fires on NaN/Infinity literals.
+    saved = json.loads((out / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert saved["nan_metric"] is None and saved["frame_auroc"] == 0.8765
+    text = md.read_text()
+    assert "| frame_auroc | 0.8765 |" in text and "| top1 | n/a |" in text and "avenue" in text
