@@ -1,0 +1,236 @@
+"""Finding images and labels on disk: ILSVRC-2012 (both releases) and any ImageFolder tree.
+
+Accepted layouts for a dataset root `R` and a split `S` (train / val):
+- `R/S/<class>/*` (ILSVRC "val prepared", Tiny ImageNet here, GTSRB, chest_xray, any ImageFolder tree);
+- `R/S/*.JPEG` + `R/LOC_val_solution.csv` (the flat val folder of the ILSVRC/Kaggle release);
+- `R/ILSVRC/Data/CLS-LOC/S/...` (the Kaggle archive unpacked as is);
+- `R` itself a split folder (`R/<class>/*`), e.g. `tlkit evaluate --data path/to/val`.
+Display names come from `LOC_synset_mapping.txt`, `classes.txt` or `classes.csv` when present.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from tlkit.data.io import ImageDecodeError, is_image_file, load_rgb_array
+
+log = logging.getLogger("tlkit.data")
+
+
+class DataError(ValueError):
+    """The data folder does not have a layout tlkit can read; the message says what was expected."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    target: int
+    box: tuple[int, int, int, int] | None = None  # x1, y1, x2, y2 (ROI crop)
+
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def has_split(root: Path, split: str) -> bool:
+    return (_dataset_base(Path(root)) / split).is_dir()
+
+
+def _dataset_base(root: Path) -> Path:
+    kaggle = root / "ILSVRC" / "Data" / "CLS-LOC"
+    return kaggle if kaggle.is_dir() else root
+
+
+def find_split_dir(root: Path, split: str) -> Path:
+    """`root/split` in any accepted layout; `root` itself when it is already a split folder."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root}")
+    candidate = _dataset_base(root) / split
+    if candidate.is_dir():
+        return candidate
+    if _class_dirs(root) and not any((root / s).is_dir() for s in SPLIT_NAMES):
+        return root
+    raise DataError(
+        f"no '{split}' folder in {root} and it has no class subfolders; expected {root}/{split}/<class>/*.jpg "
+        "(ImageNet/ImageFolder layout)"
+    )
+
+
+def _class_dirs(split_dir: Path) -> list[Path]:
+    return sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def read_class_names(root: Path, class_ids: list[str]) -> list[str]:
+    """Human-readable names for folder ids (wnids, GTSRB ids); the id itself when nothing maps it."""
+    names: dict[str, str] = {}
+    for base in (root, root.parent):
+        mapping = base / "LOC_synset_mapping.txt"
+        classes_txt = base / "classes.txt"
+        classes_csv = base / "classes.csv"
+        if mapping.is_file() or classes_txt.is_file():
+            for line in (mapping if mapping.is_file() else classes_txt).read_text().splitlines():
+                wnid, _, name = line.strip().partition(" ")
+                if wnid:
+                    # ILSVRC names list synonyms ("goldfish, Carassius auratus"); the first reads best.
+                    names[wnid] = name.split(",")[0].strip() or wnid
+            break
+        if classes_csv.is_file():
+            with classes_csv.open(newline="") as f:
+                for row in csv.DictReader(f):
+                    cid = (row.get("class_id") or row.get("id") or "").strip()
+                    if cid.isdigit():
+                        names[cid] = row.get("name", cid)
+                        names[f"{int(cid):02d}"] = row.get("name", cid)
+                        names[f"{int(cid):05d}"] = row.get("name", cid)
+            break
+    return [names.get(cid, cid) for cid in class_ids]
+
+
+def _read_boxes(root: Path, split: str) -> dict[str, tuple[int, int, int, int]]:
+    """ROI boxes from `<root>/<split>_labels.csv` (GTSRB style: filename, roi_x1..roi_y2)."""
+    path = root / f"{split}_labels.csv"
+    if not path.is_file():
+        return {}
+    boxes = {}
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            if {"roi_x1", "roi_y1", "roi_x2", "roi_y2"} <= row.keys():
+                box = tuple(int(row[k]) for k in ("roi_x1", "roi_y1", "roi_x2", "roi_y2"))
+                boxes[Path(row["filename"]).name] = box  # type: ignore[assignment]
+    return boxes
+
+
+def _flat_val_samples(split_dir: Path, root: Path, class_ids: list[str]) -> list[tuple[Path, str]]:
+    solution = next(
+        (
+            p
+            for p in (root / "LOC_val_solution.csv", split_dir.parent / "LOC_val_solution.csv")
+            if p.is_file()
+        ),
+        None,
+    )
+    if solution is None:
+        return []
+    index = {p.stem: p for p in split_dir.iterdir() if is_image_file(p)}
+    pairs = []
+    with solution.open(newline="") as f:
+        for row in csv.DictReader(f):
+            path = index.get(row["ImageId"])
+            if path is not None:
+                pairs.append((path, row["PredictionString"].split()[0]))
+    return pairs
+
+
+def scan_split(
+    root: Path,
+    split: str,
+    classes: list[str] | None = None,
+    *,
+    max_classes: int = 0,
+    max_per_class: int = 0,
+    roi_crop: bool = False,
+    ignore_unknown: bool = False,
+) -> tuple[list[Sample], list[str]]:
+    """List (path, target) for a split. `classes` fixes the class order (e.g. the train split's or a
+    checkpoint's); classes in the data that it does not know are an error, not silently dropped,
+    unless `ignore_unknown` (a run on the first `max_classes` classes)."""
+    root = Path(root)
+    split_dir = find_split_dir(root, split)
+    class_dirs = _class_dirs(split_dir)
+    pairs: list[tuple[Path, str]] = []
+    if class_dirs:
+        found = [d.name for d in class_dirs]
+        for d in class_dirs:
+            files = sorted(p for p in d.rglob("*") if p.is_file() and is_image_file(p))
+            pairs.extend((p, d.name) for p in files)
+    else:
+        pairs = _flat_val_samples(split_dir, root, classes or [])
+        found = sorted({c for _, c in pairs})
+        if not pairs:
+            raise DataError(f"{split_dir} has no class subfolders and no LOC_val_solution.csv next to it")
+    if classes is None:
+        classes = found[:max_classes] if max_classes else found
+    else:
+        unknown = sorted(set(found) - set(classes))
+        if unknown and not ignore_unknown:
+            shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+            raise DataError(
+                f"{split_dir} has {len(unknown)} class(es) the model does not know: {shown} "
+                f"(model classes: {', '.join(classes[:5])}{' ...' if len(classes) > 5 else ''})"
+            )
+    index = {c: i for i, c in enumerate(classes)}
+    boxes = _read_boxes(root, split) if roi_crop else {}
+    per_class: dict[int, list[Sample]] = {i: [] for i in range(len(classes))}
+    for path, cid in pairs:
+        if cid in index:
+            per_class[index[cid]].append(Sample(path, index[cid], boxes.get(path.name)))
+    # A class folder that exists but holds no images is a broken dataset, not a class to drop quietly.
+    empty = [c for c in found if c in index and not per_class[index[c]]]
+    if empty:
+        raise DataError(f"class folder(s) with no images in {split_dir}: {', '.join(empty[:5])}")
+    samples = []
+    for i in range(len(classes)):
+        samples.extend(per_class[i][:max_per_class] if max_per_class else per_class[i])
+    if not samples:
+        raise DataError(f"no images found in {split_dir}")
+    return samples, list(classes)
+
+
+class ImageDataset(Dataset):
+    """Decodes and augments one sample; an unreadable file is replaced by the next readable one and
+    counted (the third item of each sample), so a bad file never stops an epoch or changes batch shapes.
+
+    Augmentation randomness is seeded per (seed, epoch, index): results do not depend on the number of
+    workers, and a resumed run replays exactly the same augmentations.
+    """
+
+    def __init__(self, samples: list[Sample], transform=None, *, seed: int = 0, max_retries: int = 16):
+        self.samples = samples
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+        self.max_retries = max_retries
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def load(self, index: int) -> np.ndarray:
+        sample = self.samples[index]
+        image = load_rgb_array(sample.path)
+        if sample.box is not None:
+            x1, y1, x2, y2 = sample.box
+            h, w = image.shape[:2]
+            x1, y1, x2, y2 = max(0, x1), max(0, y1), min(w, x2), min(h, y2)
+            if x2 - x1 >= 4 and y2 - y1 >= 4:
+                image = image[y1:y2, x1:x2]
+        return image
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        failed = 0
+        for attempt in range(self.max_retries):
+            i = (index + attempt) % len(self.samples)
+            try:
+                image = self.load(i)
+            except ImageDecodeError as e:
+                failed += 1
+                log.warning("skipping unreadable image %s", e)
+                continue
+            if self.transform is not None:
+                seed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
+                image = self.transform(image, seed)
+            tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)  # uint8 CHW
+            return tensor, self.samples[i].target, failed
+        raise DataError(f"{self.max_retries} unreadable images in a row near {self.samples[index].path}")
+
+    def targets(self) -> np.ndarray:
+        return np.array([s.target for s in self.samples], dtype=np.int64)

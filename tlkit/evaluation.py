@@ -1,0 +1,185 @@
+"""Evaluate a checkpoint on a labelled split, calibrate it on val, and write its report.
+
+Everything the model needs (architecture, classes, preprocessing, threshold, temperature) is read
+from the checkpoint, so `tlkit evaluate` takes nothing but the checkpoint and the data.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tlkit.checkpoint import load_tlkit_checkpoint, save_checkpoint
+from tlkit.data.datasets import ImageDataset, scan_split
+from tlkit.data.transforms import Preprocessing, eval_transform, norm_tensors
+from tlkit.engine import StepContext, predict_logits, resolve_device, topk_metrics
+from tlkit.paths import resolve_data
+from tlkit.progress import Progress, console
+
+
+def checkpoint_loader(ckpt: dict, data: str | Path, split: str, batch_size: int = 64, num_workers: int = -1):
+    """A DataLoader over `data` (dataset root or split folder) in the checkpoint's class order."""
+    from tlkit.config import DataConfig
+    from tlkit.data.loader import make_loader
+
+    recipe_data = ckpt["recipe"]["data"]
+    # A run trained on its first `max_classes` classes is validated on those classes only.
+    same_data = str(resolve_data(data)) == ckpt.get("data_root") and recipe_data.get("max_classes", 0) > 0
+    samples, _ = scan_split(
+        resolve_data(data),
+        split,
+        ckpt["class_ids"],
+        roi_crop=recipe_data.get("roi_crop", False),
+        ignore_unknown=same_data,
+        max_per_class=recipe_data.get("max_per_class", 0) if same_data else 0,
+    )
+    pre = Preprocessing.from_dict(ckpt["preprocessing"])
+    dataset = ImageDataset(samples, eval_transform(pre))
+    return make_loader(
+        dataset, DataConfig(num_workers=num_workers), batch_size=batch_size, train=False, seed=0
+    )
+
+
+def checkpoint_logits(
+    ckpt: dict,
+    data: str | Path,
+    split: str = "val",
+    *,
+    batch_size: int = 64,
+    device: str = "auto",
+    quiet: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    from tlkit.models import model_from_checkpoint
+
+    dev = resolve_device(device)
+    model = model_from_checkpoint(ckpt).to(dev).to(memory_format=torch.channels_last)
+    pre = Preprocessing.from_dict(ckpt["preprocessing"])
+    ctx = StepContext(dev, *norm_tensors(pre, dev))
+    loader = checkpoint_loader(ckpt, data, split, batch_size)
+    with Progress(enabled=not quiet) as progress:
+        return predict_logits(
+            model, loader, ctx, tta_flip=ckpt["recipe"]["train"].get("tta_flip", False), progress=progress
+        )
+
+
+def positive_index(ckpt: dict) -> int | None:
+    if len(ckpt["classes"]) != 2:
+        return None
+    wanted = (ckpt["recipe"].get("finetune") or {}).get("positive_class") or ""
+    for i, (cid, name) in enumerate(zip(ckpt["class_ids"], ckpt["classes"], strict=True)):
+        if wanted and wanted in (cid, name):
+            return i
+    return 1
+
+
+def metrics_for(ckpt: dict, logits: torch.Tensor, targets: torch.Tensor) -> tuple[dict, np.ndarray]:
+    """Recipe-aware metrics at the checkpoint's temperature and threshold; returns (metrics, probs)."""
+    from tlkit.metrics import classification_metrics, softmax
+
+    probs = softmax(logits.numpy(), temperature=ckpt.get("temperature") or 1.0)
+    metrics = classification_metrics(
+        probs,
+        targets.numpy(),
+        ckpt["classes"],
+        positive_index=positive_index(ckpt),
+        threshold=ckpt.get("threshold"),
+        loss=topk_metrics(logits, targets)["val_loss"],
+    )
+    return metrics, probs
+
+
+def report_context(ckpt: dict, data: str | Path, split: str) -> dict:
+    recipe = ckpt["recipe"]
+    return {
+        "recipe": recipe.get("name"),
+        "task": ckpt.get("task"),
+        "arch": ckpt["arch"],
+        "init": ckpt.get("init"),
+        "strategy": (recipe.get("finetune") or {}).get("strategy", "-"),
+        "data": str(data),
+        "split": split,
+        "epochs": len(ckpt.get("history", [])),
+        "classes": len(ckpt["classes"]),
+        "img_size": ckpt["preprocessing"]["img_size"],
+        "git_sha": ckpt.get("git_sha"),
+    }
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    data: str | Path,
+    *,
+    split: str = "val",
+    out: Path | None = None,
+    batch_size: int = 64,
+    device: str = "auto",
+    quiet: bool = False,
+) -> dict:
+    """`tlkit evaluate`: metrics.json + report/ for any labelled split in the checkpoint's classes."""
+    from tlkit.report import write_report
+
+    ckpt = load_tlkit_checkpoint(checkpoint)
+    if ckpt.get("task") == "anomaly":
+        from tlkit.surveillance import evaluate_anomaly_checkpoint
+
+        return evaluate_anomaly_checkpoint(ckpt, checkpoint, data, split=split, out=out)
+    logits, targets, skipped = checkpoint_logits(
+        ckpt, data, split, batch_size=batch_size, device=device, quiet=quiet
+    )
+    metrics, probs = metrics_for(ckpt, logits, targets)
+    metrics["skipped_images"] = skipped
+    out = Path(out) if out else Path(checkpoint).parent / f"eval-{split}"
+    write_report(
+        out,
+        metrics,
+        probs=probs,
+        targets=targets.numpy(),
+        class_names=ckpt["classes"],
+        positive_index=positive_index(ckpt),
+        threshold=ckpt.get("threshold"),
+        context=report_context(ckpt, data, split),
+        title=f"tlkit evaluation: {Path(checkpoint)}",
+    )
+    console.print(f"report: {out / 'report.md'}")
+    return metrics
+
+
+def calibrate(
+    best_path: Path, data_root: str, val_split: str, *, device: str = "auto", quiet: bool = False
+) -> dict:
+    """Fit temperature scaling and the binary decision threshold on val; store both in best.pt.
+
+    The threshold is chosen on temperature-scaled probabilities, so what is stored is consistent
+    with what predict/evaluate/demos compute."""
+    from tlkit.metrics import choose_threshold, expected_calibration_error, fit_temperature, softmax
+
+    ckpt = load_tlkit_checkpoint(best_path)
+    ft = ckpt["recipe"].get("finetune") or {}
+    logits, targets, _ = checkpoint_logits(ckpt, data_root, val_split, device=device, quiet=quiet)
+    y = targets.numpy()
+    result = {"ece_before": expected_calibration_error(softmax(logits.numpy()), y)}
+    temperature = fit_temperature(logits.numpy(), y) if ft.get("temperature_scaling", True) else 1.0
+    probs = softmax(logits.numpy(), temperature=temperature)
+    result.update(temperature=temperature, ece_after=expected_calibration_error(probs, y))
+    pos = positive_index(ckpt)
+    if pos is not None:
+        result["threshold"] = choose_threshold(
+            probs[:, pos],
+            (y == pos).astype(int),
+            method=ft.get("threshold_method", "youden"),
+            target_sensitivity=ft.get("target_sensitivity", 0.95),
+        )
+        result["positive_index"] = pos
+    ckpt.update({k: result[k] for k in ("temperature", "threshold", "positive_index") if k in result})
+    ckpt["calibration"] = result
+    val_metrics, _ = metrics_for(ckpt, logits, targets)
+    ckpt["val_metrics"] = {k: v for k, v in val_metrics.items() if isinstance(v, int | float | type(None))}
+    save_checkpoint(ckpt, best_path)
+    return result
+
+
+def write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2))

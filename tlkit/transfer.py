@@ -1,0 +1,74 @@
+"""Transfer strategies (fastai style): which parameters train when, and at what learning rate.
+
+- `linear-probe`: only the head trains; the body is frozen, BatchNorm statistics included.
+- `full`: everything trains from epoch 1, with discriminative LRs (deeper body stages higher).
+- `freeze-unfreeze`: head only for `freeze_epochs`, then everything with discriminative LRs.
+
+Discriminative LRs: the head gets `head_lr_mult` x the recipe LR; body stage i of n (deepest = n-1)
+gets `layer_decay ** (n - 1 - i)` x the recipe LR, so the stem moves least (layer-wise LR decay).
+Frozen BatchNorm layers are kept in eval mode: their running mean/var stay the pretrained ones,
+because a frozen body fed new-domain batch statistics would drift while its weights could not adapt.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from tlkit.config import FinetuneConfig
+from tlkit.models import body_stages, head_parameter_names
+
+STRATEGIES = ("linear-probe", "full", "freeze-unfreeze")
+
+
+class Strategy:
+    def __init__(self, model: nn.Module, cfg: FinetuneConfig):
+        if cfg.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {cfg.strategy!r}; use one of {', '.join(STRATEGIES)}")
+        self.model, self.cfg = model, cfg
+        self.head = head_parameter_names(model)
+        self.stages = body_stages(model)
+        self.body = {n for stage in self.stages for n in stage}
+        self.frozen = False
+
+    @property
+    def may_freeze(self) -> bool:
+        return self.cfg.strategy in ("linear-probe", "freeze-unfreeze")
+
+    def lr_multipliers(self) -> dict[str, float]:
+        mults = {name: self.cfg.head_lr_mult for name in self.head}
+        n = len(self.stages)
+        for i, stage in enumerate(self.stages):
+            for name in stage:
+                mults[name] = self.cfg.layer_decay ** (n - 1 - i)
+        return mults
+
+    def body_frozen_at(self, epoch: int) -> bool:
+        if self.cfg.strategy == "linear-probe":
+            return True
+        if self.cfg.strategy == "freeze-unfreeze":
+            return epoch <= self.cfg.freeze_epochs
+        return False
+
+    def on_epoch_start(self, epoch: int, console=None) -> None:
+        frozen = self.body_frozen_at(epoch)
+        if frozen != self.frozen or epoch == 1:
+            for name, p in self.model.named_parameters():
+                if name in self.body:
+                    p.requires_grad_(not frozen)
+            if console is not None and self.cfg.strategy != "full":
+                console.print(
+                    f"epoch {epoch}: body {'frozen (head only)' if frozen else 'unfrozen (all layers)'}"
+                )
+        self.frozen = frozen
+
+    def freeze_norm_stats(self) -> None:
+        """After `model.train()`: BatchNorm layers of a frozen body go back to eval (fixed statistics)."""
+        if not self.frozen:
+            return
+        head_prefix = next(iter(self.head)).rsplit(".", 1)[0] if self.head else "\0"
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not name.startswith(head_prefix):
+                module.eval()
+
+    def trainable(self) -> set[str]:
+        return {n for n, p in self.model.named_parameters() if p.requires_grad}
