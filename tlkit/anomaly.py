@@ -75,9 +75,7 @@ def _sort_key(path: Path) -> tuple[int, str]:
 
 def list_frames(folder: Path) -> list[Path]:
     """Image files directly in `folder`, sorted by frame number (numerically, so 9 < 10)."""
-    return sorted(
-        (p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS), key=_sort_key
-    )
+    return sorted((p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS), key=_sort_key)
 
 
 def _read_labels(csv_path: Path, frames: list[Path]) -> np.ndarray:
@@ -298,9 +296,7 @@ def _random_projection(in_dim: int, out_dim: int, seed: int) -> torch.Tensor:
     return torch.randn(in_dim, out_dim, generator=gen) / math.sqrt(out_dim)
 
 
-def greedy_coreset(
-    features: torch.Tensor, n_select: int, proj_dim: int | None = 128, seed: int = 0
-) -> torch.Tensor:
+def greedy_coreset(features: torch.Tensor, n_select: int, proj_dim: int | None = 128, seed: int = 0) -> torch.Tensor:
     """Indices of `n_select` rows chosen by greedy k-center (farthest point) selection.
 
     The coreset covers the feature space evenly, so rare normal patterns survive subsampling, unlike
@@ -446,9 +442,7 @@ class PatchCoreScorer:
             emb = emb @ self.proj.to(emb.device)
         return emb.contiguous()
 
-    def _iter_embedded(
-        self, frames: FrameSource, batch_size: int
-    ) -> Iterator[tuple[list[np.ndarray], torch.Tensor]]:
+    def _iter_embedded(self, frames: FrameSource, batch_size: int) -> Iterator[tuple[list[np.ndarray], torch.Tensor]]:
         """(frames, patch features) per batch; batches are split where the frame size changes."""
         batch: list[np.ndarray] = []
         for frame in iter_frames(frames):
@@ -469,6 +463,7 @@ class PatchCoreScorer:
         max_bank: int = 16384,
         max_candidates: int = 200_000,
         calib_every: int = 10,
+        coreset_dim: int | None = 128,
         seed: int = 0,
     ) -> PatchCoreScorer:
         """Build the memory bank from normal frames.
@@ -491,7 +486,7 @@ class PatchCoreScorer:
             n_frames += len(batch)
         candidates = reservoir.rows()
         n_select = max(1, min(max_bank, math.ceil(coreset_ratio * candidates.shape[0])))
-        keep = greedy_coreset(candidates.to(self.device), n_select, seed=seed)
+        keep = greedy_coreset(candidates.to(self.device), n_select, proj_dim=coreset_dim, seed=seed)
         self.bank = candidates[keep.cpu()].clone()
         self.stats = {"mean": 0.0, "std": 1.0}
         if len(calib) >= 2:

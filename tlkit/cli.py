@@ -32,9 +32,7 @@ Out = Annotated[str | None, typer.Option("--out", help="Run folder (default runs
 Resume = Annotated[str | None, typer.Option("--resume", help="Run folder or last.pt to continue exactly.")]
 Seed = Annotated[int | None, typer.Option("--seed")]
 Device = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N.")]
-Sets = Annotated[
-    list[str] | None, typer.Option("--set", help="Any recipe field: --set optim.lr=0.1 (repeatable).")
-]
+Sets = Annotated[list[str] | None, typer.Option("--set", help="Any recipe field: --set optim.lr=0.1 (repeatable).")]
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
 
 
@@ -130,9 +128,7 @@ def pretrain(
 
 @app.command()
 def finetune(
-    recipe: Annotated[
-        str, typer.Option("--recipe", help="medical, traffic-signs, surveillance or a YAML path.")
-    ],
+    recipe: Annotated[str, typer.Option("--recipe", help="medical, traffic-signs, surveillance or a YAML path.")],
     init: Annotated[
         str | None,
         typer.Option(
@@ -141,9 +137,7 @@ def finetune(
             "torchvision weights file, or 'scratch'. Default: newest `tlkit pretrain` run.",
         ),
     ] = None,
-    strategy: Annotated[
-        str | None, typer.Option("--strategy", help="linear-probe, full or freeze-unfreeze.")
-    ] = None,
+    strategy: Annotated[str | None, typer.Option("--strategy", help="linear-probe, full or freeze-unfreeze.")] = None,
     data: Data = None,
     arch: Arch = None,
     epochs: Epochs = None,
@@ -181,15 +175,9 @@ def finetune(
 @app.command()
 def evaluate(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A tlkit checkpoint (best.pt).")],
-    data: Annotated[
-        str, typer.Option("--data", help="Dataset root, split folder, or name under $TLKIT_DATA.")
-    ],
-    split: Annotated[
-        str, typer.Option("--split", help="Split to use when --data is a dataset root.")
-    ] = "val",
-    out: Annotated[
-        Path | None, typer.Option("--out", help="Report folder (default <run>/eval-<split>).")
-    ] = None,
+    data: Annotated[str, typer.Option("--data", help="Dataset root, split folder, or name under $TLKIT_DATA.")],
+    split: Annotated[str, typer.Option("--split", help="Split to use when --data is a dataset root.")] = "val",
+    out: Annotated[Path | None, typer.Option("--out", help="Report folder (default <run>/eval-<split>).")] = None,
     batch_size: BatchSize = 64,
     device: Device = "auto",
 ) -> None:
@@ -201,6 +189,85 @@ def evaluate(
         evaluate_checkpoint, checkpoint, data, split=split, out=out, batch_size=batch_size, device=device
     )
     typer.echo(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict | list)}, indent=2))
+
+
+@app.command()
+def predict(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A tlkit checkpoint.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files (or folders of images).")],
+    topk: Annotated[int, typer.Option("--topk", min=1)] = 5,
+    device: Device = "auto",
+) -> None:
+    """Classify images: one JSON line per image with top-k labels and probabilities."""
+    from tlkit.predict import predict_files
+
+    for line in _run_guarded(predict_files, checkpoint, images, topk=topk, device=device):
+        typer.echo(json.dumps(line))
+
+
+@app.command()
+def explain(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A tlkit checkpoint.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the Grad-CAM overlays.")] = Path("explain"),
+    target: Annotated[str | None, typer.Option("--target", help="Class to explain (default: predicted).")] = None,
+) -> None:
+    """Grad-CAM heatmaps overlaid on the images (pytorch-grad-cam)."""
+    from tlkit.explain import explain_files
+
+    for path in _run_guarded(explain_files, checkpoint, images, out=out, target=target):
+        typer.echo(str(path))
+
+
+@app.command()
+def export(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A tlkit checkpoint.")],
+    format: Annotated[str, typer.Option("--format", help="onnx or torchscript.")] = "onnx",
+    out: Annotated[Path | None, typer.Option("--out", help="Output file (default beside the checkpoint).")] = None,
+    tolerance: Annotated[float, typer.Option("--tolerance", help="Max abs logit difference allowed.")] = 1e-3,
+) -> None:
+    """Export to ONNX or TorchScript with a metadata JSON, and check parity against torch."""
+    from tlkit.export import export_checkpoint
+
+    _setup_logging()
+    _run_guarded(export_checkpoint, checkpoint, format=format, out=out, tolerance=tolerance)
+
+
+@app.command("lr-find")
+def lr_find(
+    recipe: Annotated[str, typer.Option("--recipe", help="Recipe name or YAML path.")] = "imagenet",
+    init: Annotated[str | None, typer.Option("--init", help="Weights to start from (see finetune).")] = None,
+    data: Data = None,
+    arch: Arch = None,
+    batch_size: BatchSize = None,
+    img_size: ImgSize = None,
+    device: Device = None,
+    sets: Sets = None,
+    steps: Annotated[int, typer.Option("--steps", min=10)] = 100,
+    out: Annotated[Path | None, typer.Option("--out", help="Plot path (default runs/lr-find-<recipe>.png).")] = None,
+) -> None:
+    """LR range test: loss vs learning rate plot and a suggested value."""
+    from tlkit.lr_finder import run_lr_find
+
+    _setup_logging()
+    overrides = _overrides(
+        data=data, arch=arch, batch_size=batch_size, img_size=img_size, device=device, sets=sets, init=init
+    )
+    _run_guarded(run_lr_find, recipe, overrides, steps=steps, out=out)
+
+
+@app.command()
+def demo(
+    recipe: Annotated[str, typer.Argument(help="medical, traffic-signs or surveillance.")],
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Default: newest run of the recipe.")] = None,
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 7860,
+    share: Annotated[bool, typer.Option("--share", help="Public Gradio link (off by default).")] = False,
+) -> None:
+    """Launch the recipe's Gradio demo (apps/<recipe>/app.py)."""
+    from tlkit.demo import launch_demo
+
+    _run_guarded(launch_demo, recipe, checkpoint=checkpoint, host=host, port=port, share=share)
 
 
 @app.command("recipes")

@@ -45,9 +45,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str = "resnet18"
-    init: str = (
-        "scratch"  # scratch | auto (newest pretrain checkpoint) | path to tlkit/timm/torchvision weights
-    )
+    init: str = "scratch"  # scratch | auto (newest pretrain checkpoint) | path to tlkit/timm/torchvision weights
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     channels_last: bool = True
@@ -159,9 +157,7 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     known = {f.name: f for f in fields(cls)}
     unknown = set(values) - set(known)
     if unknown:
-        raise RecipeError(
-            f"unknown key(s) in {where}: {', '.join(sorted(unknown))}; known: {', '.join(known)}"
-        )
+        raise RecipeError(f"unknown key(s) in {where}: {', '.join(sorted(unknown))}; known: {', '.join(known)}")
     kwargs = {}
     for key, value in values.items():
         default = getattr(cls(), key) if key not in _SECTIONS else None

@@ -113,9 +113,7 @@ def mix_batch(
     soft = F.one_hot(targets, num_classes).float() * (1 - smoothing) + smoothing / num_classes
     use_cutmix = cutmix > 0 and (mixup <= 0 or torch.rand(1, generator=generator).item() < 0.5)
     alpha = cutmix if use_cutmix else mixup
-    lam = float(
-        np.random.default_rng(int(torch.randint(2**31, (1,), generator=generator))).beta(alpha, alpha)
-    )
+    lam = float(np.random.default_rng(int(torch.randint(2**31, (1,), generator=generator))).beta(alpha, alpha))
     perm = torch.randperm(images.shape[0], generator=generator).to(images.device)
     if use_cutmix:
         h, w = images.shape[-2:]
@@ -166,11 +164,7 @@ def train_one_epoch(
     loss_sum = torch.zeros((), device=ctx.device)
     seen, skipped, step = 0, 0, start_step
     t0 = time.perf_counter()
-    task = (
-        progress.add(f"epoch {epoch}", total=len(loader) + start_step, completed=start_step)
-        if progress
-        else None
-    )
+    task = progress.add(f"epoch {epoch}", total=len(loader) + start_step, completed=start_step) if progress else None
     for i, (images, targets, failed) in enumerate(loader, start=start_step):
         generator.manual_seed(seed * 1_000_003 + epoch * 10_007 + i)  # mixup draws replay on resume
         images = ctx.prepare(images)
@@ -281,7 +275,7 @@ def evaluate(
     return {**topk_metrics(logits, targets), "val_skipped": skipped}
 
 
-# ---- helpers ------------------------------------------------------------------------------------------------
+# ---- helpers ----------------------------------------------------------------------------------------
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -328,9 +322,7 @@ def resolve_resume(resume: str | Path) -> tuple[Path, dict]:
     return ckpt_path, load_tlkit_checkpoint(ckpt_path)
 
 
-def fit(
-    recipe: Recipe, *, kind: str = "pretrain", resume: str | Path | None = None, quiet: bool = False
-) -> RunResult:
+def fit(recipe: Recipe, *, kind: str = "pretrain", resume: str | Path | None = None, quiet: bool = False) -> RunResult:
     """Train `recipe` end to end and return where the checkpoints are."""
     resumed = None
     if resume:
@@ -339,16 +331,13 @@ def fit(
         epochs = recipe.train.epochs if recipe.train.epochs != resumed["recipe"]["train"]["epochs"] else None
         recipe = recipe_from_dict(resumed["recipe"])
         if epochs:
-            recipe = recipe_from_dict(
-                {**to_dict(recipe), "train": {**to_dict(recipe)["train"], "epochs": epochs}}
-            )
+            recipe = recipe_from_dict({**to_dict(recipe), "train": {**to_dict(recipe)["train"], "epochs": epochs}})
         kind = resumed.get("kind", kind)
 
     # device and processes
     device_type = (
         "cuda"
-        if recipe.train.device.startswith("cuda")
-        or (recipe.train.device == "auto" and torch.cuda.is_available())
+        if recipe.train.device.startswith("cuda") or (recipe.train.device == "auto" and torch.cuda.is_available())
         else "cpu"
     )
     info = init_distributed(device_type)
@@ -417,9 +406,7 @@ def fit(
         else None
     )
     steps_per_epoch = math.ceil(len(train_loader) / max(1, recipe.optim.accum_steps))
-    scheduler = build_scheduler(
-        optimizer, recipe.optim, epochs=recipe.train.epochs, steps_per_epoch=steps_per_epoch
-    )
+    scheduler = build_scheduler(optimizer, recipe.optim, epochs=recipe.train.epochs, steps_per_epoch=steps_per_epoch)
     ema = ModelEma(model, recipe.optim.ema_decay) if recipe.optim.ema_decay > 0 else None
     weight = None
     if recipe.optim.loss == "weighted-ce":
@@ -516,8 +503,8 @@ def fit(
             on_step = None
             if recipe.train.save_every_steps > 0:
 
-                def on_step(step, *_, _epoch=epoch):
-                    if step % recipe.train.save_every_steps == 0 and step < len(train_loader) + step0:
+                def on_step(step, *_, _epoch=epoch, _end=len(train_loader) + step0):
+                    if step % recipe.train.save_every_steps == 0 and step < _end:
                         checkpoint(_epoch, step, last_path)
 
             stats = train_one_epoch(
@@ -543,9 +530,7 @@ def fit(
                 "lr": optimizer.param_groups[0]["lr"],
                 "img_per_s": stats["img_per_s"],
             }
-            if val_loader is not None and (
-                epoch % recipe.train.eval_every == 0 or epoch == recipe.train.epochs
-            ):
+            if val_loader is not None and (epoch % recipe.train.eval_every == 0 or epoch == recipe.train.epochs):
                 eval_model = _ema_model(model, ema) if ema else model
                 row.update(
                     evaluate(
@@ -601,9 +586,7 @@ def fit(
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if total_skipped:
-            console.print(
-                f"[yellow]{total_skipped} unreadable image(s) were skipped (named in the log above)"
-            )
+            console.print(f"[yellow]{total_skipped} unreadable image(s) were skipped (named in the log above)")
     return result
 
 
@@ -652,9 +635,7 @@ class _Writers:
         self.enabled, self.run_dir, self.tb = enabled, run_dir, None
         if not enabled:
             return
-        header = (
-            f"# tlkit {meta['tlkit_version']}  git {meta['git_sha'] or 'unknown'}  seed {recipe.train.seed}\n"
-        )
+        header = f"# tlkit {meta['tlkit_version']}  git {meta['git_sha'] or 'unknown'}  seed {recipe.train.seed}\n"
         (run_dir / "config.yaml").write_text(header + to_yaml(recipe))
         if not resumed:
             (run_dir / "metrics.jsonl").write_text("")

@@ -38,9 +38,7 @@ def checkpoint_loader(ckpt: dict, data: str | Path, split: str, batch_size: int 
     )
     pre = Preprocessing.from_dict(ckpt["preprocessing"])
     dataset = ImageDataset(samples, eval_transform(pre))
-    return make_loader(
-        dataset, DataConfig(num_workers=num_workers), batch_size=batch_size, train=False, seed=0
-    )
+    return make_loader(dataset, DataConfig(num_workers=num_workers), batch_size=batch_size, train=False, seed=0)
 
 
 def checkpoint_logits(
@@ -126,9 +124,7 @@ def evaluate_checkpoint(
         from tlkit.surveillance import evaluate_anomaly_checkpoint
 
         return evaluate_anomaly_checkpoint(ckpt, checkpoint, data, split=split, out=out)
-    logits, targets, skipped = checkpoint_logits(
-        ckpt, data, split, batch_size=batch_size, device=device, quiet=quiet
-    )
+    logits, targets, skipped = checkpoint_logits(ckpt, data, split, batch_size=batch_size, device=device, quiet=quiet)
     metrics, probs = metrics_for(ckpt, logits, targets)
     metrics["skipped_images"] = skipped
     out = Path(out) if out else Path(checkpoint).parent / f"eval-{split}"
@@ -147,9 +143,7 @@ def evaluate_checkpoint(
     return metrics
 
 
-def calibrate(
-    best_path: Path, data_root: str, val_split: str, *, device: str = "auto", quiet: bool = False
-) -> dict:
+def calibrate(best_path: Path, data_root: str, val_split: str, *, device: str = "auto", quiet: bool = False) -> dict:
     """Fit temperature scaling and the binary decision threshold on val; store both in best.pt.
 
     The threshold is chosen on temperature-scaled probabilities, so what is stored is consistent

@@ -328,9 +328,7 @@ def frame_auroc(scores: Any, labels: Any) -> float | None:
     return float(roc_auc_score(y, s))
 
 
-def score_events(
-    scores: Any, threshold: float, min_length: int = 1, merge_gap: int = 0
-) -> list[tuple[int, int]]:
+def score_events(scores: Any, threshold: float, min_length: int = 1, merge_gap: int = 0) -> list[tuple[int, int]]:
     """Contiguous runs of frames with score >= threshold as (start, end) with end exclusive.
 
     Runs separated by at most `merge_gap` frames are merged; runs shorter than `min_length` dropped,

@@ -27,9 +27,7 @@ def create_model(
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown architecture {arch!r} (any timm model name works){hint}")
     extra = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
-    return timm.create_model(
-        arch, pretrained=False, num_classes=num_classes, drop_rate=drop_rate, **extra, **kwargs
-    )
+    return timm.create_model(arch, pretrained=False, num_classes=num_classes, drop_rate=drop_rate, **extra, **kwargs)
 
 
 def head_name(model: nn.Module) -> str:

@@ -10,9 +10,7 @@ from torch import nn
 from tlkit.config import OptimConfig
 
 
-def param_groups(
-    model: nn.Module, weight_decay: float, lr_mults: dict[str, float] | None = None
-) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, lr_mults: dict[str, float] | None = None) -> list[dict]:
     """Groups keyed by (lr multiplier, decay?): 1-d tensors (norm weights, biases) get no weight decay,
     as in the ResNet training references; `lr_mults` maps parameter name -> lr multiplier."""
     lr_mults = lr_mults or {}
@@ -58,9 +56,7 @@ def build_optimizer(
     raise ValueError(f"unknown optimizer {cfg.name!r}; use sgd or adamw")
 
 
-def lr_factor(
-    step: int, total_steps: int, warmup_steps: int, cfg: OptimConfig, steps_per_epoch: int
-) -> float:
+def lr_factor(step: int, total_steps: int, warmup_steps: int, cfg: OptimConfig, steps_per_epoch: int) -> float:
     """Multiplier on the base LR at a given optimizer step: linear warmup, then cosine / step / constant."""
     if warmup_steps and step < warmup_steps:
         return (step + 1) / warmup_steps

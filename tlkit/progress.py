@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichProgress
 
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)  # long paths stay on one line
 
 
 class Progress:
@@ -17,9 +17,7 @@ class Progress:
                 TextColumn("{task.description}"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn(
-                    "loss {task.fields[loss]:.3f}  lr {task.fields[lr]:.3g}  {task.fields[ips]:.0f} img/s"
-                ),
+                TextColumn("loss {task.fields[loss]:.3f}  lr {task.fields[lr]:.3g}  {task.fields[ips]:.0f} img/s"),
                 TimeElapsedColumn(),
                 TimeRemainingColumn(),
                 console=console,

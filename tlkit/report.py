@@ -321,9 +321,7 @@ def plot_scores_over_time(
     if labels_or_None is not None:
         lab = _to_numpy(labels_or_None).reshape(-1).astype(bool)
         for k, (a, b) in enumerate(_runs(lab)):
-            ax.axvspan(
-                a - 0.5, b - 0.5, color="orange", alpha=0.25, lw=0, label="abnormal (GT)" if k == 0 else None
-            )
+            ax.axvspan(a - 0.5, b - 0.5, color="orange", alpha=0.25, lw=0, label="abnormal (GT)" if k == 0 else None)
     ax.plot(x, s, lw=1.2, color="tab:blue", label="score")
     if threshold is not None:
         ax.axhline(threshold, ls="--", color="crimson", lw=1, label=f"threshold {threshold:.3g}")
@@ -335,9 +333,7 @@ def plot_scores_over_time(
     band = 0.04 * (y_top - y_bot or 1.0)
     for k, ev in enumerate(events or []):
         a, b = _event_span(ev)
-        ax.hlines(
-            y_top + 2 * band, a - 0.5, b - 0.5, color="crimson", lw=5, label="detected" if k == 0 else None
-        )
+        ax.hlines(y_top + 2 * band, a - 0.5, b - 0.5, color="crimson", lw=5, label="detected" if k == 0 else None)
     ax.set_xlim(-0.5, max(s.size - 0.5, 0.5))
     ax.set_xlabel("frame")
     ax.set_ylabel("anomaly score")
@@ -360,9 +356,7 @@ def write_per_class_csv(metrics: dict, out_csv: Path | str) -> Path:
         w.writerow(cols)
         for name, row in (metrics.get("per_class") or {}).items():
             vals = [row.get(k) for k in cols[1:]]
-            w.writerow(
-                [name] + ["" if v is None else (f"{v:.6g}" if isinstance(v, float) else v) for v in vals]
-            )
+            w.writerow([name] + ["" if v is None else (f"{v:.6g}" if isinstance(v, float) else v) for v in vals])
     return out
 
 
@@ -429,12 +423,7 @@ def write_report(
     class_names = list(class_names) if class_names is not None else metrics.get("class_names")
 
     # Fill in what the caller did not compute, so write_report(out, {}, probs=..., ...) also works.
-    if (
-        probs is not None
-        and targets is not None
-        and class_names is not None
-        and "confusion_matrix" not in metrics
-    ):
+    if probs is not None and targets is not None and class_names is not None and "confusion_matrix" not in metrics:
         computed = classification_metrics(
             probs, targets, list(class_names), positive_index=positive_index, threshold=threshold
         )
@@ -449,9 +438,7 @@ def write_report(
 
     cm = metrics.get("confusion_matrix")
     if cm is not None and class_names is not None and len(cm) == len(class_names) and len(cm) > 0:
-        images.append(
-            ("Confusion matrix", plot_confusion_matrix(cm, class_names, out / "confusion_matrix.png"))
-        )
+        images.append(("Confusion matrix", plot_confusion_matrix(cm, class_names, out / "confusion_matrix.png")))
     csv_path = write_per_class_csv(metrics, out / "per_class.csv") if metrics.get("per_class") else None
 
     if probs is not None and targets is not None:
@@ -476,9 +463,7 @@ def write_report(
         lines += [f"| {_fmt(k)} | {_fmt(v)} |" for k, v in context.items()]
         lines.append("")
 
-    scalars = {
-        k: v for k, v in metrics.items() if k not in _SKIP and (v is None or isinstance(v, (int, float)))
-    }
+    scalars = {k: v for k, v in metrics.items() if k not in _SKIP and (v is None or isinstance(v, (int, float)))}
     ordered = [k for k in _KEY_ORDER if k in scalars] + [k for k in scalars if k not in _KEY_ORDER]
     if ordered:
         lines += ["## Results", "", "| metric | value |", "|---|---|"]

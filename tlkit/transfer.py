@@ -56,9 +56,7 @@ class Strategy:
                 if name in self.body:
                     p.requires_grad_(not frozen)
             if console is not None and self.cfg.strategy != "full":
-                console.print(
-                    f"epoch {epoch}: body {'frozen (head only)' if frozen else 'unfrozen (all layers)'}"
-                )
+                console.print(f"epoch {epoch}: body {'frozen (head only)' if frozen else 'unfrozen (all layers)'}")
         self.frozen = frozen
 
     def freeze_norm_stats(self) -> None:

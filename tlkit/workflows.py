@@ -77,8 +77,7 @@ def finish(result, recipe: Recipe, kind: str, *, quiet: bool = False) -> Path:
         if kind == "finetune":
             calib = calibrate(result.best_path, bundle.root, recipe.data.val_split, quiet=quiet)
             console.print(
-                "calibration on val: "
-                + ", ".join(f"{k} {v:.4g}" for k, v in calib.items() if isinstance(v, float))
+                "calibration on val: " + ", ".join(f"{k} {v:.4g}" for k, v in calib.items() if isinstance(v, float))
             )
         ckpt = load_tlkit_checkpoint(result.best_path)
         logits, targets, _ = checkpoint_logits(ckpt, bundle.root, recipe.data.val_split, quiet=quiet)

@@ -58,8 +58,8 @@ def find_split_dir(root: Path, split: str) -> Path:
     if _class_dirs(root) and not any((root / s).is_dir() for s in SPLIT_NAMES):
         return root
     raise DataError(
-        f"no '{split}' folder in {root} and it has no class subfolders; expected {root}/{split}/<class>/*.jpg "
-        "(ImageNet/ImageFolder layout)"
+        f"no '{split}' folder in {root} and it has no class subfolders; "
+        f"expected {root}/{split}/<class>/*.jpg (ImageNet/ImageFolder layout)"
     )
 
 
@@ -109,11 +109,7 @@ def _read_boxes(root: Path, split: str) -> dict[str, tuple[int, int, int, int]]:
 
 def _flat_val_samples(split_dir: Path, root: Path, class_ids: list[str]) -> list[tuple[Path, str]]:
     solution = next(
-        (
-            p
-            for p in (root / "LOC_val_solution.csv", split_dir.parent / "LOC_val_solution.csv")
-            if p.is_file()
-        ),
+        (p for p in (root / "LOC_val_solution.csv", split_dir.parent / "LOC_val_solution.csv") if p.is_file()),
         None,
     )
     if solution is None:

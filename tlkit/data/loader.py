@@ -31,9 +31,7 @@ class EpochSampler(DistributedSampler):
         drop_last: bool = False,
         weights: np.ndarray | None = None,
     ):
-        super().__init__(
-            dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
-        )
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
         self.start = 0
 
