@@ -64,11 +64,13 @@ def checkpoint_logits(
 
 
 def positive_index(ckpt: dict) -> int | None:
+    """Binary tasks: the class that counts as positive. The recipe may name several candidates
+    (`PNEUMONIA,Parasitized`), so one recipe serves datasets whose positive class is named differently."""
     if len(ckpt["classes"]) != 2:
         return None
-    wanted = (ckpt["recipe"].get("finetune") or {}).get("positive_class") or ""
+    wanted = [w.strip() for w in ((ckpt["recipe"].get("finetune") or {}).get("positive_class") or "").split(",")]
     for i, (cid, name) in enumerate(zip(ckpt["class_ids"], ckpt["classes"], strict=True)):
-        if wanted and wanted in (cid, name):
+        if cid in wanted or name in wanted:
             return i
     return 1
 

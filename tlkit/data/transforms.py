@@ -27,6 +27,7 @@ class Preprocessing:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     interpolation: str = "bilinear"
+    grayscale: bool = False  # inputs are made grey (R=G=B) first, e.g. radiographs, whatever the file holds
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -35,7 +36,7 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
-        known = {k: d[k] for k in ("img_size", "crop_pct", "mean", "std", "interpolation") if k in d}
+        known = {k: d[k] for k in ("img_size", "crop_pct", "mean", "std", "interpolation", "grayscale") if k in d}
         known["mean"] = tuple(known.get("mean", cls.mean))
         known["std"] = tuple(known.get("std", cls.std))
         return cls(**known)
@@ -66,6 +67,7 @@ def preprocessing_for(arch: str, data: DataConfig, init: str = "scratch") -> Pre
         mean=tuple(mean),
         std=tuple(std),
         interpolation=data.interpolation,
+        grayscale=data.grayscale,
     )
 
 
@@ -86,7 +88,9 @@ def train_transform(data: DataConfig, img_size: int | None = None) -> Callable:
 
     size = img_size or data.img_size
     interp = _INTERPOLATIONS[data.interpolation]
-    ops: list = [A.RandomResizedCrop(size=(size, size), scale=(data.scale_min, 1.0), interpolation=interp)]
+    # Grey inputs replicated to 3 channels keep the RGB-pretrained stem usable as is.
+    ops: list = [A.ToGray(num_output_channels=3, p=1.0)] if data.grayscale else []
+    ops += [A.RandomResizedCrop(size=(size, size), scale=(data.scale_min, 1.0), interpolation=interp)]
     if data.hflip > 0:
         ops.append(A.HorizontalFlip(p=data.hflip))
     if data.rotate > 0:
@@ -132,7 +136,8 @@ def eval_transform(pre: Preprocessing) -> Callable:
     import albumentations as A
 
     interp = _INTERPOLATIONS[pre.interpolation]
-    ops = [
+    ops = [A.ToGray(num_output_channels=3, p=1.0)] if pre.grayscale else []
+    ops += [
         A.SmallestMaxSize(max_size=pre.resize_size, interpolation=interp),
         A.CenterCrop(height=pre.img_size, width=pre.img_size, pad_if_needed=True),
     ]
