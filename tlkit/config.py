@@ -102,7 +102,7 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class AnomalyConfig:
-    layers: tuple[int, ...] = (1, 2)  # backbone stages whose features form the patch descriptors
+    layers: tuple[int, ...] = ()  # feature stages for patch descriptors; () = stride-8 and stride-16 stages
     coreset_ratio: float = 0.1
     max_bank: int = 20000
     k: int = 1
