@@ -92,7 +92,7 @@ class TrainConfig:
 class FinetuneConfig:
     strategy: str = "full"  # linear-probe | full | freeze-unfreeze
     freeze_epochs: int = 1  # freeze-unfreeze: epochs with only the head training
-    head_lr_mult: float = 10.0  # head lr = optim.lr * head_lr_mult... body uses optim.lr
+    head_lr_mult: float = 5.0  # head LR = recipe LR x this (a new head has to move further than the body)
     layer_decay: float = 0.7  # lr multiplier per body stage, deepest stage first (1 = off)
     threshold_method: str = "youden"  # youden | sensitivity (binary tasks)
     target_sensitivity: float = 0.95
@@ -167,6 +167,12 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
             raise RecipeError(f"{where}.{key} must be true or false, got {value!r}")
         elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
+        elif isinstance(default, float) and isinstance(value, str):
+            # PyYAML reads `1e-3` (no dot) as a string: accept it for float fields, in files and --set.
+            try:
+                value = float(value)
+            except ValueError:
+                raise RecipeError(f"{where}.{key} must be float, got {value!r}") from None
         elif default is not None and not isinstance(value, type(default)):
             raise RecipeError(f"{where}.{key} must be {type(default).__name__}, got {value!r}")
         kwargs[key] = value
@@ -226,7 +232,13 @@ def load_recipe(name_or_path: str, overrides: dict | None = None, *, cuda: bool 
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise RecipeError(f"recipe {path.name} is not valid YAML: {e}".splitlines()[0]) from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe {path.name} must be a YAML mapping of sections")
     raw.setdefault("name", path.stem)
+    # The gpu block sits between the recipe and the user's options: `--epochs 2` on a CUDA machine is 2.
+    gpu = raw.pop("gpu", None) or {}
+    if cuda:
+        raw = deep_merge(raw, gpu)
     merged = deep_merge(raw, overrides or {})
     # finetune/anomaly blocks named in overrides only count if the recipe has them or asks for them
     return recipe_from_dict(merged, cuda=cuda)

@@ -1,0 +1,102 @@
+"""Transfer strategies freeze exactly what they say; heads are replaced, bodies really come from the init."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tlkit.config import FinetuneConfig
+from tlkit.engine import fit
+from tlkit.models import build_model, create_model, head_parameter_names
+from tlkit.transfer import Strategy
+from tlkit.workflows import run_training
+
+
+def _tiny_overrides(tmp_path, name: str, **sections) -> dict:
+    over = {
+        "data": {"name": "gtsrb", "max_classes": 4, "max_per_class": 12, "img_size": 32, "num_workers": 0},
+        "train": {"epochs": 1, "batch_size": 16, "out": str(tmp_path / name)},
+        "optim": {"warmup_epochs": 0},
+    }
+    for key, value in sections.items():
+        over.setdefault(key, {}).update(value)
+    return over
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, data_dir):
+    """A real tlkit checkpoint with 6 classes (gtsrb subset), to fine-tune from."""
+    tmp = tmp_path_factory.mktemp("pre")
+    over = _tiny_overrides(tmp, "pre", data={"max_classes": 6})
+    run_dir = run_training("imagenet", over, kind="pretrain", quiet=True)
+    return run_dir / "best.pt"
+
+
+def _trainable(model: nn.Module) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_linear_probe_trains_only_the_head_with_frozen_batchnorm():
+    model = create_model("resnet18", 3)
+    strategy = Strategy(model, FinetuneConfig(strategy="linear-probe"))
+    strategy.on_epoch_start(1)
+    assert _trainable(model) == head_parameter_names(model) == {"fc.weight", "fc.bias"}
+    model.train()
+    strategy.freeze_norm_stats()
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(not m.training for m in norms)
+
+
+def test_freeze_unfreeze_switches_after_freeze_epochs():
+    model = create_model("resnet18", 3)
+    strategy = Strategy(model, FinetuneConfig(strategy="freeze-unfreeze", freeze_epochs=2))
+    everything = {n for n, _ in model.named_parameters()}
+    for epoch, expected in ((1, head_parameter_names(model)), (2, head_parameter_names(model)), (3, everything)):
+        strategy.on_epoch_start(epoch)
+        assert _trainable(model) == expected, epoch
+    model.train()
+    strategy.freeze_norm_stats()  # unfrozen: BatchNorm keeps training
+    assert all(m.training for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_full_strategy_discriminative_learning_rates():
+    model = create_model("resnet18", 3)
+    cfg = FinetuneConfig(strategy="full", head_lr_mult=10.0, layer_decay=0.5)
+    strategy = Strategy(model, cfg)
+    strategy.on_epoch_start(1)
+    assert _trainable(model) == {n for n, _ in model.named_parameters()}
+    mults = strategy.lr_multipliers()
+    assert mults["fc.weight"] == 10.0
+    assert mults["layer4.1.conv2.weight"] == 1.0  # deepest body stage: the recipe LR
+    assert mults["conv1.weight"] < mults["layer1.0.conv1.weight"] < mults["layer4.0.conv1.weight"]
+    assert mults["conv1.weight"] == pytest.approx(0.5 ** (len(strategy.stages) - 1))
+
+
+def test_unknown_strategy_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown strategy 'partial'"):
+        Strategy(create_model("resnet18", 3), FinetuneConfig(strategy="partial"))
+
+
+def test_head_replaced_on_class_mismatch_and_body_is_the_inits(pretrained):
+    init = torch.load(pretrained, weights_only=True)
+    assert len(init["classes"]) == 6
+    model, info = build_model("resnet18", 4, init=str(pretrained))
+    assert info["dropped_head"] is True
+    state = model.state_dict()
+    assert state["fc.weight"].shape == (4, 512)
+    body = [k for k in state if not k.startswith("fc.")]
+    assert body and all(torch.equal(state[k], init["model"][k]) for k in body)
+
+
+def test_linear_probe_run_leaves_the_body_untouched(pretrained, tmp_path):
+    """A real fine-tune with a frozen body: conv weights and BatchNorm statistics stay the init's."""
+    over = _tiny_overrides(tmp_path, "probe", model={"init": str(pretrained)}, finetune={"strategy": "linear-probe"})
+    from tlkit.config import load_recipe
+
+    result = fit(load_recipe("imagenet", over), kind="finetune", quiet=True)
+    init = torch.load(pretrained, weights_only=True)["model"]
+    tuned = torch.load(result.last_path, weights_only=True)["model"]
+    body = [k for k in tuned if not k.startswith("fc.")]
+    assert all(torch.equal(tuned[k], init[k]) for k in body), "frozen body changed"
+    assert not torch.equal(tuned["fc.weight"][:4], init["fc.weight"][:4])
