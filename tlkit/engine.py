@@ -152,8 +152,12 @@ def train_one_epoch(
     on_step=None,
     progress: Progress | None = None,
     strategy: Strategy | None = None,
+    partial: dict | None = None,
 ) -> dict:
-    """One pass over `loader`. Loss is accumulated on the device: no host sync per step."""
+    """One pass over `loader`. Loss is accumulated on the device: no host sync per step.
+
+    `partial`: the epoch's sums so far (all ranks) from a mid-epoch checkpoint, so a resumed epoch
+    reports the same train_loss as an uninterrupted one; rank 0 carries them."""
     model.train()
     if strategy is not None:
         strategy.freeze_norm_stats()
@@ -161,8 +165,10 @@ def train_one_epoch(
     accum = max(1, optim_cfg.accum_steps)
     num_classes = recipe_num_classes(model)
     generator = torch.Generator()
-    loss_sum = torch.zeros((), device=ctx.device)
-    seen, skipped, step = 0, 0, start_step
+    carried = (partial or {}) if ctx.info.is_main else {}
+    loss_sum = torch.full((), float(carried.get("loss_sum", 0.0)), device=ctx.device)
+    seen0 = int(carried.get("seen", 0))
+    seen, skipped, step = seen0, int(carried.get("skipped", 0)), start_step
     t0 = time.perf_counter()
     task = progress.add(f"epoch {epoch}", total=len(loader) + start_step, completed=start_step) if progress else None
     for i, (images, targets, failed) in enumerate(loader, start=start_step):
@@ -204,7 +210,7 @@ def train_one_epoch(
                 completed=step,
                 loss=float(loss.detach()),
                 lr=optimizer.param_groups[0]["lr"],
-                ips=seen * ctx.info.world / max(elapsed, 1e-9),
+                ips=(seen - seen0) * ctx.info.world / max(elapsed, 1e-9),
             )
         if on_step is not None:
             on_step(step, loss_sum, seen, skipped)
@@ -222,9 +228,10 @@ def train_one_epoch(
     if progress is not None and task is not None:
         progress.remove(task)
     total_seen = float(totals[1])
+    resumed_seen = float((partial or {}).get("seen", 0))  # the same global count on every rank
     return {
         "train_loss": float(totals[0]) / max(total_seen, 1),
-        "img_per_s": total_seen / max(seconds, 1e-9),
+        "img_per_s": (total_seen - resumed_seen) / max(seconds, 1e-9),
         "train_seconds": seconds,
         "skipped": int(totals[2]),
     }
@@ -263,8 +270,9 @@ def topk_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict:
     correct = top.eq(targets[:, None])
     return {
         "val_loss": float(F.cross_entropy(logits, targets)),
-        "val_top1": float(correct[:, 0].float().mean() * 100),
-        "val_top5": float(correct.any(dim=1).float().mean() * 100),
+        # counted in Python: 15 of 50 right is 30.0, not float32's 30.000001907348633
+        "val_top1": int(correct[:, 0].sum()) * 100 / max(1, len(targets)),
+        "val_top5": int(correct.any(dim=1).sum()) * 100 / max(1, len(targets)),
     }
 
 
@@ -435,6 +443,8 @@ def fit(recipe: Recipe, *, kind: str = "pretrain", resume: str | Path | None = N
             start_epoch += 1
         best_top1 = resumed.get("best_top1", -1.0)
         history = list(resumed.get("history", []))
+        if info.world == 1 and resumed.get("world_size", 1) == 1 and resumed.get("rng"):
+            torch.set_rng_state(resumed["rng"]["torch"])  # dropout / drop-path draws continue as before
 
     train_model: nn.Module = model
     if recipe.model.compile and device.type == "cuda":
@@ -465,7 +475,7 @@ def fit(recipe: Recipe, *, kind: str = "pretrain", resume: str | Path | None = N
         "world_size": info.world,
     }
     best_path, last_path = run_dir / "best.pt", run_dir / "last.pt"
-    writer = _Writers(run_dir, recipe, meta, enabled=info.is_main, resumed=bool(resumed))
+    writer = _Writers(run_dir, recipe, meta, enabled=info.is_main, history=history)
     progress = Progress(enabled=info.is_main and not quiet)
     total_skipped = 0
 
@@ -503,9 +513,16 @@ def fit(recipe: Recipe, *, kind: str = "pretrain", resume: str | Path | None = N
             on_step = None
             if recipe.train.save_every_steps > 0:
 
-                def on_step(step, *_, _epoch=epoch, _end=len(train_loader) + step0):
+                def on_step(step, loss_sum, seen, skipped, _epoch=epoch, _end=len(train_loader) + step0):
                     if step % recipe.train.save_every_steps == 0 and step < _end:
-                        checkpoint(_epoch, step, last_path)
+                        sums = all_reduce_sum(
+                            torch.tensor(
+                                [float(loss_sum), float(seen), float(skipped)], dtype=torch.float64, device=device
+                            ),
+                            info,
+                        )
+                        partial = {"loss_sum": float(sums[0]), "seen": int(sums[1]), "skipped": int(sums[2])}
+                        checkpoint(_epoch, step, last_path, extra={"partial": partial})
 
             stats = train_one_epoch(
                 train_model,
@@ -521,6 +538,7 @@ def fit(recipe: Recipe, *, kind: str = "pretrain", resume: str | Path | None = N
                 on_step=on_step,
                 progress=progress,
                 strategy=strategy,
+                partial=resumed.get("partial") if resumed and step0 else None,
             )
             train_loader.sampler.start = 0
             total_skipped += stats["skipped"]
@@ -554,6 +572,7 @@ def fit(recipe: Recipe, *, kind: str = "pretrain", resume: str | Path | None = N
             if info.is_main:
                 console.print(_epoch_line(row))
 
+    total_skipped = sum(int(row.get("skipped", 0)) for row in history)  # epochs before a resume too
     in_sync = _ranks_in_sync(model, info)
     writer.close(history)
     result = RunResult(
@@ -631,14 +650,15 @@ def _epoch_line(row: dict) -> str:
 class _Writers:
     """Rank-0 side effects of a run: config.yaml, metrics.jsonl, TensorBoard, curves PNG."""
 
-    def __init__(self, run_dir: Path, recipe: Recipe, meta: dict, *, enabled: bool, resumed: bool):
+    def __init__(self, run_dir: Path, recipe: Recipe, meta: dict, *, enabled: bool, history: list[dict]):
         self.enabled, self.run_dir, self.tb = enabled, run_dir, None
         if not enabled:
             return
         header = f"# tlkit {meta['tlkit_version']}  git {meta['git_sha'] or 'unknown'}  seed {recipe.train.seed}\n"
         (run_dir / "config.yaml").write_text(header + to_yaml(recipe))
-        if not resumed:
-            (run_dir / "metrics.jsonl").write_text("")
+        # A resumed run rewrites the rows its checkpoint knows: a kill between saving last.pt and
+        # appending the epoch's row (or after appending it) then neither loses nor repeats a row.
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history))
         try:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -77,12 +77,17 @@ def load_body(
     filtered = {k: v for k, v in state.items() if k not in dropped}
     body_missing = [k for k in own if k not in filtered and not k.startswith(head)]
     mismatched = [k for k, v in filtered.items() if k in own and own[k].shape != v.shape]
+    # Extra body tensors mean a deeper model of the same family (resnet34 weights into a resnet18):
+    # loading the shared prefix would silently drop most of the pretrained network.
+    body_extra = [k for k in filtered if k not in own and not k.startswith(head)]
     model_arch = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
-    if mismatched or len(body_missing) > 0.1 * len(own) or not (set(filtered) & set(own)):
+    too_many = max(len(body_missing), len(body_extra)) > 0.1 * len(own)
+    if mismatched or too_many or not (set(filtered) & set(own)):
         from_arch = f" (a {arch} checkpoint)" if arch else ""
         raise CheckpointError(
-            f"{source}{from_arch} does not fit {model_arch}: {len(body_missing)} missing and "
-            f"{len(mismatched)} mismatched tensors; use --arch {arch or '<the checkpoint architecture>'}"
+            f"{source}{from_arch} does not fit {model_arch}: {len(body_missing)} missing, "
+            f"{len(body_extra)} unexpected and {len(mismatched)} mismatched tensors; "
+            f"use --arch {arch or '<the checkpoint architecture>'}"
         )
     result = model.load_state_dict(filtered, strict=False)
     if dropped:

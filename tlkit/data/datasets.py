@@ -143,7 +143,12 @@ def scan_split(
     pairs: list[tuple[Path, str]] = []
     if class_dirs:
         found = [d.name for d in class_dirs]
+        # List files only in the folders that can be used: a smoke run on 5 classes of ImageNet
+        # must not walk all 1000 folders first.
+        wanted = set(classes) if classes is not None else set(found[:max_classes]) if max_classes else None
         for d in class_dirs:
+            if wanted is not None and d.name not in wanted:
+                continue
             files = sorted(p for p in d.rglob("*") if p.is_file() and is_image_file(p))
             pairs.extend((p, d.name) for p in files)
     else:

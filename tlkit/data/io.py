@@ -87,7 +87,7 @@ def open_image(source: str | Path | bytes | Image.Image | np.ndarray) -> Image.I
                 img.seek(0)
             return to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageDecodeError(f"{name}: image too large (over {MAX_PIXELS:,} pixels)") from None
+        raise ImageDecodeError(f"{name}: image too large (over {Image.MAX_IMAGE_PIXELS:,} pixels)") from None
     except (OSError, SyntaxError, ValueError, EOFError, Image.UnidentifiedImageError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ImageDecodeError(f"{name}: {reason}") from None

@@ -78,6 +78,8 @@ def build_datasets(recipe: Recipe, pre: Preprocessing, class_ids: list[str] | No
         max_classes=data.max_classes,
         max_per_class=data.max_per_class,
         roi_crop=data.roi_crop,
+        # resuming a run on the first `max_classes` classes passes those classes back in
+        ignore_unknown=data.max_classes > 0,
     )
     train = ImageDataset(train_samples, train_transform(data), seed=recipe.train.seed)
     val = None

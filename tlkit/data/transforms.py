@@ -7,6 +7,7 @@ only when a CPU preset is built, so GPU code paths work on machines without it.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -79,7 +80,9 @@ class _Seeded:
 
     def __call__(self, image: np.ndarray, seed: int | None = None) -> np.ndarray:
         if seed is not None:
-            self.pipeline.set_random_seed(seed)
+            # One random stream shared by every op. `set_random_seed` would give each op its own
+            # generator with the *same* seed, so their draws coincide (e.g. flip <=> small crop).
+            self.pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
         return self.pipeline(image=image)["image"]
 
 

@@ -1,0 +1,171 @@
+"""Kill -9 and resume: a resumed run must end exactly where an uninterrupted one ends.
+
+Three `python -m tlkit pretrain` processes start together on the same tiny subset and seed:
+A runs 3 epochs uninterrupted; B is SIGKILLed as soon as metrics.jsonl has its epoch-1 row (so in
+epoch 2, resuming from the epoch-1 checkpoint); C saves every 3 steps (`train.save_every_steps`) and is
+SIGKILLed right after its first mid-epoch save in epoch 2 (resuming mid-epoch). B and C are then resumed
+with `--resume <run dir>`; their metrics rows and final weights must equal A's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from tlkit.paths import REPO_DIR
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 3
+SAVE_EVERY = 3
+# 5 classes x 20 images, batch 10: 10 steps an epoch, long enough to kill inside epoch 2.
+SETS = [
+    "data.max_classes=5",
+    "data.max_per_class=20",
+    "data.num_workers=0",
+    "data.img_size=32",
+    "optim.warmup_epochs=0.5",
+]
+ARGS = ["--quiet", "--arch", "resnet10t", "--epochs", str(EPOCHS), "--batch-size", "10", "--seed", "3"]
+TIMEOUT = 900
+
+
+@dataclass
+class Proc:
+    name: str
+    run_dir: Path
+    popen: subprocess.Popen
+    log: Path
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+            pytest.fail(f"run {self.name} timed out\n{self.tail()}")
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+
+
+def _set_args(sets: list[str]) -> list[str]:
+    return [arg for s in sets for arg in ("--set", s)]
+
+
+def _env(runs: Path) -> dict[str, str]:
+    # one thread per process: bit-reproducible, and three runs share two cores without thrashing;
+    # PYTHONPATH: the children import this checkout's tlkit, whatever the venv has installed
+    path = os.pathsep.join(p for p in (str(REPO_DIR), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TLKIT_RUNS": str(runs), "PYTHONPATH": path}
+
+
+def _launch(base: Path, name: str, extra_sets: list[str] = (), resume: bool = False) -> Proc:
+    run_dir = base / name
+    cmd = [sys.executable, "-m", "tlkit", "pretrain", *ARGS, "--out", str(run_dir), *_set_args([*SETS, *extra_sets])]
+    if resume:
+        cmd += ["--resume", str(run_dir)]
+    log = base / f"{name}{'-resume' if resume else ''}.log"
+    with log.open("w") as f:
+        popen = subprocess.Popen(cmd, cwd=base, env=_env(base / "runs"), stdout=f, stderr=subprocess.STDOUT)
+    return Proc(name, run_dir, popen, log)
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip().endswith("}")]
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino  # a checkpoint save is a rename: a new inode
+    except FileNotFoundError:
+        return None
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    base = tmp_path_factory.mktemp("resume")
+    a = _launch(base, "A", [f"train.save_every_steps={SAVE_EVERY}"])  # saving changes nothing in training
+    b = _launch(base, "B")
+    c = _launch(base, "C", [f"train.save_every_steps={SAVE_EVERY}"])
+    killed: dict[str, dict] = {}
+    c_epoch1_inode = None
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while len(killed) < 2:
+            if time.monotonic() > deadline:
+                pytest.fail(f"B/C never reached epoch 2\n{b.tail()}\n{c.tail()}")
+            for proc in (b, c):
+                if proc.name not in killed and proc.popen.poll() is not None:
+                    pytest.fail(f"run {proc.name} ended (rc {proc.popen.returncode}) before the kill\n{proc.tail()}")
+            if "B" not in killed and len(_rows(b.run_dir)) >= 1:
+                b.popen.kill()  # SIGKILL: no cleanup, no atexit
+                killed["B"] = {"rows": len(_rows(b.run_dir))}
+            if "C" not in killed and len(_rows(c.run_dir)) >= 1:
+                inode = _inode(c.run_dir / "last.pt")
+                if c_epoch1_inode is None:
+                    c_epoch1_inode = inode  # the epoch-1 checkpoint, saved before the row
+                elif inode != c_epoch1_inode:
+                    c.popen.kill()  # just after the first mid-epoch save of epoch 2
+                    killed["C"] = {"rows": len(_rows(c.run_dir))}
+            time.sleep(0.02)
+        for proc in (b, c):
+            proc.popen.wait(timeout=60)
+            assert proc.popen.returncode == -9, proc.popen.returncode
+            ckpt = torch.load(proc.run_dir / "last.pt", map_location="cpu", weights_only=True)
+            killed[proc.name].update(epoch=ckpt["epoch"], step=ckpt["step_in_epoch"], partial=ckpt.get("partial"))
+        b2 = _launch(base, "B", resume=True)
+        c2 = _launch(base, "C", resume=True)
+        for proc in (a, b2, c2):
+            rc = proc.wait(timeout=max(60.0, deadline - time.monotonic()))
+            assert rc == 0, f"run {proc.name} failed (rc {rc})\n{proc.tail()}"
+    finally:
+        for proc in (a, b, c):
+            if proc.popen.poll() is None:
+                proc.popen.kill()
+    return {"A": a.run_dir, "B": b.run_dir, "C": c.run_dir, "killed": killed}
+
+
+def _assert_same_run(ref: Path, other: Path) -> None:
+    rows_ref, rows = _rows(ref), _rows(other)
+    assert [r["epoch"] for r in rows_ref] == list(range(1, EPOCHS + 1))
+    assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1)), "one row per epoch, none lost or repeated"
+    for r_ref, r in zip(rows_ref, rows, strict=True):
+        for key in ("train_loss", "val_loss", "val_top1", "val_top5", "lr", "skipped"):
+            assert r[key] == r_ref[key], (r["epoch"], key, r_ref[key], r[key])  # bit for bit, one thread each
+    last_ref = torch.load(ref / "last.pt", map_location="cpu", weights_only=True)
+    last = torch.load(other / "last.pt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == EPOCHS and last["step_in_epoch"] == 0
+    assert last["model"].keys() == last_ref["model"].keys()
+    for key, value in last_ref["model"].items():
+        assert torch.equal(last["model"][key], value), key  # weights, BatchNorm statistics and counters
+    # the optimizer continued too: momentum buffers match
+    for pid, state in last_ref["optimizer"]["state"].items():
+        assert torch.equal(last["optimizer"]["state"][pid]["momentum_buffer"], state["momentum_buffer"]), pid
+    assert last["best_top1"] == last_ref["best_top1"]
+    summary = json.loads((other / "summary.json").read_text())
+    assert summary["epochs"] == EPOCHS and summary["skipped_images"] == 0
+
+
+def test_killed_in_epoch_2_resumes_exactly(runs: dict) -> None:
+    state = runs["killed"]["B"]
+    assert state["rows"] == 1 and state["epoch"] == 1 and state["step"] == 0  # resumed from the epoch-1 checkpoint
+    _assert_same_run(runs["A"], runs["B"])
+
+
+def test_mid_epoch_checkpoint_resumes_exactly(runs: dict) -> None:
+    state = runs["killed"]["C"]
+    assert state["epoch"] == 2 and state["step"] > 0 and state["step"] % SAVE_EVERY == 0, state
+    assert state["partial"] is not None and state["partial"]["seen"] == state["step"] * 10
+    _assert_same_run(runs["A"], runs["C"])
