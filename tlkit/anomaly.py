@@ -255,8 +255,8 @@ def iter_frames(source: FrameSource) -> Iterator[np.ndarray]:
         if n == 0:
             raise ValueError(f"cannot read video {path}: no frames could be decoded")
         return
-    if isinstance(source, np.ndarray) and source.ndim in (2, 3) and source.shape[-1] not in (1, 3, 4):
-        # A single (H, W) grayscale frame, not a stack of frames.
+    if isinstance(source, np.ndarray) and (source.ndim == 2 or (source.ndim == 3 and source.shape[2] in (1, 3, 4))):
+        # One (H, W) / (H, W, C) frame rather than an (N, H, W[, C]) stack of frames.
         yield to_rgb(source)
         return
     for item in source:
@@ -315,13 +315,21 @@ def greedy_coreset(features: torch.Tensor, n_select: int, proj_dim: int | None =
     selected = torch.empty(n_select, dtype=torch.long)
     idx = int(torch.randint(n, (1,), generator=gen))
     min_dist = torch.full((n,), float("inf"), device=feats.device)
-    for i in range(n_select):
-        selected[i] = idx
-        # ||x - c||^2 up to the constant ||c||^2, as one fused matrix-vector product: the loop is
-        # memory-bound, so a small projected matrix that stays in cache is what makes it fast.
-        dist = torch.addmv(sq, feats, feats[idx], alpha=-2.0).add_(sq[idx])
-        torch.minimum(min_dist, dist, out=min_dist)
-        idx = int(torch.argmax(min_dist))
+    # Thousands of tiny ops: on CPU, thread start/stop per op costs more than it saves (and stalls badly
+    # on a busy machine), so the loop runs single-threaded.
+    threads = torch.get_num_threads()
+    if feats.device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        for i in range(n_select):
+            selected[i] = idx
+            # ||x - c||^2 as one fused matrix-vector product: the loop is memory-bound, so a small
+            # projected matrix that stays in cache is what makes it fast.
+            dist = torch.addmv(sq, feats, feats[idx], alpha=-2.0).add_(sq[idx])
+            torch.minimum(min_dist, dist, out=min_dist)
+            idx = int(torch.argmax(min_dist))
+    finally:
+        torch.set_num_threads(threads)
     return selected
 
 
@@ -364,9 +372,10 @@ class PatchCoreScorer:
 
     `model` is a timm model (e.g. `timm.create_model("resnet18", pretrained=False)` with ImageNet
     weights loaded by the caller); only its intermediate stages are used, the head is ignored.
-    `preprocess` is `{"img_size": int, "mean": [3 floats], "std": [3 floats]}`; frames are resized so
-    their short side is `img_size`, keeping the aspect ratio (no centre crop: anomalies can be at the
-    edges of the view).
+    `preprocess` is `{"img_size": int, "mean": [3 floats], "std": [3 floats]}`, optionally with
+    `"grayscale": bool`; other keys are ignored, so a tlkit checkpoint's preprocessing dict can be passed.
+    Frames are resized so their short side is `img_size`, keeping the aspect ratio (no centre crop:
+    anomalies can be at the edges of the view).
 
     `score()` returns frame scores standardised by the mean/std of held-out normal frames seen in `fit`
     ("z-scores"), so thresholds are comparable across backbones and sizes; `raw=True` gives distances.
@@ -384,12 +393,15 @@ class PatchCoreScorer:
         seed: int = 0,
         device: str | torch.device | None = None,
     ) -> None:
-        self.model = model.eval()
+        if not hasattr(model, "forward_intermediates"):
+            raise TypeError("PatchCoreScorer needs a timm model with forward_intermediates (timm >= 1.0)")
+        self.model = model.eval()  # BatchNorm must use its running stats, not batch statistics
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.config: dict[str, Any] = {
             "img_size": int(preprocess["img_size"]),
             "mean": [float(v) for v in preprocess["mean"]],
             "std": [float(v) for v in preprocess["std"]],
+            "grayscale": bool(preprocess.get("grayscale", False)),
             "feature_layers": [int(i) for i in (feature_layers or default_feature_layers(model))],
             "proj_dim": None if proj_dim is None else int(proj_dim),
             "k": int(k),
@@ -415,6 +427,10 @@ class PatchCoreScorer:
         out_h = max(16, round(h * scale / 16) * 16)
         out_w = max(16, round(w * scale / 16) * 16)
         x = F.interpolate(x, size=(out_h, out_w), mode="bilinear", antialias=True, align_corners=False)
+        if self.config["grayscale"]:
+            # Same as the classification preprocessing of weights trained on grey inputs (R=G=B).
+            gray = torch.tensor([0.299, 0.587, 0.114], device=self.device).view(1, 3, 1, 1)
+            x = (x * gray).sum(dim=1, keepdim=True).expand(-1, 3, -1, -1)
         mean = torch.tensor(self.config["mean"], device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(self.config["std"], device=self.device).view(1, 3, 1, 1)
         return (x - mean) / std
@@ -422,7 +438,8 @@ class PatchCoreScorer:
     @torch.inference_mode()
     def embed(self, frames: list[np.ndarray]) -> torch.Tensor:
         """Patch features (N, h, w, D) for RGB uint8 frames of one size (D after the optional projection)."""
-        x = self._to_input(frames)
+        # Match the model's dtype so half-precision backbones on GPU work too.
+        x = self._to_input(frames).to(next(self.model.parameters()).dtype)
         feats = self.model.forward_intermediates(
             x, indices=self.config["feature_layers"], intermediates_only=True, stop_early=True
         )
@@ -463,7 +480,7 @@ class PatchCoreScorer:
         max_bank: int = 16384,
         max_candidates: int = 200_000,
         calib_every: int = 10,
-        coreset_dim: int | None = 128,
+        coreset_dim: int | None = 32,
         seed: int = 0,
     ) -> PatchCoreScorer:
         """Build the memory bank from normal frames.
@@ -587,7 +604,7 @@ class PatchCoreScorer:
         cfg = state["config"]
         scorer = cls(
             model,
-            {"img_size": cfg["img_size"], "mean": cfg["mean"], "std": cfg["std"]},
+            {k: cfg[k] for k in ("img_size", "mean", "std", "grayscale") if k in cfg},
             feature_layers=cfg["feature_layers"],
             proj_dim=cfg["proj_dim"],
             k=cfg["k"],

@@ -1,0 +1,299 @@
+"""Tests for tlkit.anomaly: clip IO, the PatchCore scorer on real UCSD Ped2 frames, post-processing.
+
+No pretrained weights exist offline, so the scorer runs on a randomly initialised resnet18 (fixed seed):
+random conv features still carry low-level structure, enough to separate a cyclist from pedestrians
+better than chance. The AUROC bound below was set from measurements with a margin.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tlkit.anomaly import (
+    Clip,
+    PatchCoreScorer,
+    choose_alert_threshold,
+    evaluate_clips,
+    find_events,
+    frame_auroc,
+    iter_frames,
+    load_clips,
+    normalize_per_clip,
+    read_video_frames,
+    smooth_scores,
+)
+from tlkit.paths import REPO_DIR, data_root
+
+PED2 = data_root() / "ucsd_ped2"
+needs_data = pytest.mark.skipif(
+    not (PED2 / "train").is_dir(), reason=f"UCSD Ped2 sample data not found at {PED2} (set $TLKIT_DATA)"
+)
+
+IMG_SIZE = 96  # short side: 240x360 frames become 96x144, a 12x18 patch grid (fast, and best measured)
+TRAIN_STEP = 10  # every 10th training frame: 99 frames spread over all 7 clips
+TEST001_AUROC_MIN = 0.65  # measured 0.76 (median-smoothed, window 5) with exactly this setup
+
+
+def _resnet18(seed: int = 0) -> torch.nn.Module:
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model("resnet18", pretrained=False)
+
+
+PREPROCESS = {"img_size": IMG_SIZE, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Clip IO
+# ----------------------------------------------------------------------------------------------------------
+
+
+@needs_data
+def test_load_clips_val_finds_three_labelled_clips() -> None:
+    clips = load_clips(PED2 / "val")
+    assert [c.name for c in clips] == ["Test001", "Test007", "Test012"]
+    for clip, onset in zip(clips, (61, 46, 88), strict=True):
+        assert len(clip) == 180 and clip.labels is not None and clip.labels.shape == (180,)
+        assert clip.frame_numbers == list(range(1, 181))
+        # Labels line up with frame numbers: normal before the documented onset, abnormal from it on.
+        assert clip.labels[: onset - 1].sum() == 0 and clip.labels[onset - 1 :].all()
+
+
+@needs_data
+def test_load_clips_folder_with_frames_is_one_clip() -> None:
+    (clip,) = load_clips(PED2 / "train" / "Train001")
+    assert clip.name == "Train001" and len(clip) == 120 and clip.labels is None
+
+
+def test_load_clips_errors(tmp_path) -> None:
+    with pytest.raises(ValueError, match="no clips found"):
+        load_clips(tmp_path)
+    with pytest.raises(ValueError, match="not found"):
+        load_clips(tmp_path / "missing")
+
+
+def test_load_clips_sorts_numerically_and_checks_labels(tmp_path) -> None:
+    clip_dir = tmp_path / "clipA"
+    clip_dir.mkdir()
+    for n in (10, 2, 1):
+        Image.new("L", (8, 6), color=n).save(clip_dir / f"{n}.png")
+    (clip,) = load_clips(tmp_path)
+    assert clip.frame_numbers == [1, 2, 10]
+    (clip_dir / "labels.csv").write_text("frame,label\n1,0\n2,1\n10,1\n")
+    assert load_clips(tmp_path)[0].labels.tolist() == [0, 1, 1]
+    (clip_dir / "labels.csv").write_text("frame,label\n1,0\n")
+    with pytest.raises(ValueError, match="no label for frame"):
+        load_clips(tmp_path)
+
+
+@needs_data
+def test_read_video_frames_sample_mp4() -> None:
+    frames, fps = read_video_frames(PED2 / "sample.mp4")
+    assert len(frames) == 60
+    assert frames[0].shape == (240, 360, 3) and frames[0].dtype == np.uint8
+    assert fps == pytest.approx(10.0, abs=0.1)
+    assert len(read_video_frames(PED2 / "sample.mp4", max_frames=5)[0]) == 5
+
+
+def test_read_video_frames_rejects_bad_files(tmp_path) -> None:
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    garbage = tmp_path / "garbage.mp4"
+    garbage.write_bytes(np.random.default_rng(0).bytes(4096))
+    for path in (empty, garbage, tmp_path / "missing.mp4"):
+        with pytest.raises(ValueError, match="cannot read video"):
+            read_video_frames(path)
+
+
+@needs_data
+def test_iter_frames_sources() -> None:
+    stream = iter_frames(PED2 / "sample.mp4")
+    assert next(stream).shape == (240, 360, 3)  # lazy: the first frame comes before decoding the rest
+    assert 1 + sum(1 for _ in stream) == 60
+    paths = load_clips(PED2 / "val" / "Test001")[0].frames[:3]
+    from_folder = [f for f, _ in zip(iter_frames(PED2 / "val" / "Test001"), range(3), strict=False)]
+    from_paths = list(iter_frames(paths))
+    assert all(np.array_equal(a, b) for a, b in zip(from_folder, from_paths, strict=True))
+    # Grayscale arrays are replicated to 3 channels.
+    gray = np.asarray(Image.open(paths[0]))
+    assert gray.ndim == 2
+    (rgb,) = iter_frames([gray])
+    assert rgb.shape == (240, 360, 3) and np.array_equal(rgb[..., 1], gray)
+
+
+def test_import_does_not_load_cv2() -> None:
+    # cv2 must stay optional (GPU images may lack it): importing the module must not pull it in.
+    code = "import sys, tlkit.anomaly; print('cv2' in sys.modules, 'gradio' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_DIR, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"]
+
+
+@needs_data
+def test_read_video_without_cv2_falls_back_or_says_what_is_missing(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "cv2", None)  # makes `import cv2` raise ImportError
+    try:
+        frames, _ = read_video_frames(PED2 / "sample.mp4")
+    except ImportError as exc:
+        assert "opencv" in str(exc)
+    else:
+        assert len(frames) == 60
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Scorer on real frames
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fitted() -> tuple[PatchCoreScorer, np.ndarray, Clip]:
+    """A scorer fitted on 99 normal training frames, its (standardised) scores on Test001, and Test001."""
+    if not (PED2 / "train").is_dir():
+        pytest.skip(f"UCSD Ped2 sample data not found at {PED2} (set $TLKIT_DATA)")
+    train = [p for clip in load_clips(PED2 / "train") for p in clip.frames[::TRAIN_STEP]]
+    scorer = PatchCoreScorer(_resnet18(), PREPROCESS).fit(train, coreset_ratio=0.1, seed=0)
+    test001 = load_clips(PED2 / "val" / "Test001")[0]
+    return scorer, scorer.score(test001.frames), test001
+
+
+def test_scorer_separates_cyclist_frames(fitted) -> None:
+    scorer, scores, clip = fitted
+    assert scorer.bank is not None and scorer.bank.shape[1] == 128 + 256  # resnet18 layer2 + layer3
+    assert scorer.fit_info["n_frames"] == 99 and scorer.fit_info["n_calib"] == 10
+    assert scores.shape == (180,) and np.isfinite(scores).all()
+    auroc = frame_auroc(smooth_scores(scores, 5), clip.labels)
+    assert auroc is not None and auroc > TEST001_AUROC_MIN, f"Test001 AUROC {auroc:.3f}"
+    # Scores are standardised on held-out normal frames: abnormal frames sit well above that scale.
+    assert scores[clip.labels == 1].mean() > scores[clip.labels == 0].mean()
+
+
+def test_state_dict_round_trip_gives_identical_scores(fitted, tmp_path) -> None:
+    scorer, scores, clip = fitted
+    scorer.threshold = 2.5
+    path = tmp_path / "anomaly.pt"
+    torch.save(scorer.state_dict(), path)
+    state = torch.load(path, weights_only=True)
+    restored = PatchCoreScorer.from_state_dict(state, scorer.model)
+    assert restored.threshold == 2.5 and restored.stats == scorer.stats
+    assert np.array_equal(restored.score(clip.frames[:20]), scores[:20])
+    with pytest.warns(UserWarning, match="weights differ"):
+        PatchCoreScorer.from_state_dict(state, _resnet18(seed=1))
+
+
+def test_score_maps_match_frames(fitted) -> None:
+    scorer, scores, clip = fitted
+    map_scores, maps = scorer.score_maps(clip.frames[58:62], batch_size=2)
+    np.testing.assert_allclose(map_scores, scores[58:62], rtol=1e-5, atol=1e-5)
+    assert len(maps) == 4 and all(m.shape == (240, 360) and m.dtype == np.float32 for m in maps)
+    assert all(np.isfinite(m).all() for m in maps)
+
+
+def test_evaluate_clips_is_json_serialisable(fitted) -> None:
+    scorer, _, clip = fitted
+    short = Clip("Test001", clip.frames[40:100], clip.labels[40:100])
+    result = evaluate_clips(scorer, [short], smooth_window=5, threshold=1.0)
+    json.dumps(result)  # plain lists / floats / None only
+    entry = result["clips"]["Test001"]
+    assert len(entry["scores"]) == len(entry["smoothed"]) == 60 and entry["frames"][0] == 41
+    assert entry["onset_frame"] == 61 and result["frame_auroc"] is not None
+    for event in entry["events"]:
+        assert 41 <= event["start_frame"] <= event["peak_frame"] <= event["end_frame"] <= 100
+
+
+def test_fit_on_arrays_without_calibration() -> None:
+    # Too few frames to hold any out: stats stay neutral, so scores are raw distances.
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 255, (48, 64), dtype=np.uint8) for _ in range(4)]
+    scorer = PatchCoreScorer(_resnet18(), {**PREPROCESS, "img_size": 32}, proj_dim=64).fit(frames)
+    assert scorer.stats == {"mean": 0.0, "std": 1.0} and scorer.bank.shape[1] == 64
+    np.testing.assert_array_equal(scorer.score(frames), scorer.score(frames, raw=True))
+
+
+def test_grayscale_preprocessing_ignores_colour() -> None:
+    # Weights trained on grey inputs carry `grayscale: True`; a colour frame must embed like its grey version.
+    rng = np.random.default_rng(1)
+    colour = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    grey = np.repeat((colour @ np.array([0.299, 0.587, 0.114]))[..., None], 3, axis=2)
+    scorer = PatchCoreScorer(_resnet18(), {**PREPROCESS, "img_size": 32, "grayscale": True})
+    np.testing.assert_allclose(scorer.embed([colour]), scorer.embed([grey.round().astype(np.uint8)]), atol=0.01)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Post-processing
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["median", "mean", "gaussian"])
+def test_smooth_scores_keeps_length(method: str) -> None:
+    x = np.r_[np.zeros(20), np.ones(20)]
+    for window in (1, 4, 5, 9):
+        assert smooth_scores(x, window, method).shape == x.shape
+    np.testing.assert_allclose(smooth_scores(np.full(7, 3.0), 5, method), 3.0)
+    # Causal smoothing never looks ahead: frames before the step stay at 0.
+    assert smooth_scores(x, 5, method, causal=True)[:20].max() == 0.0
+
+
+def test_smooth_scores_median_removes_spike() -> None:
+    x = np.zeros(11)
+    x[5] = 10.0
+    assert smooth_scores(x, 5, "median").max() == 0.0
+    with pytest.raises(ValueError, match="unknown smoothing"):
+        smooth_scores(x, 5, "max")
+
+
+def test_find_events_step_signal() -> None:
+    scores = np.zeros(180)
+    scores[60:150] = 1.0
+    scores[100] = 2.0
+    (event,) = find_events(scores, threshold=0.5, fps=10.0)
+    assert (event["start_frame"], event["end_frame"], event["peak_frame"]) == (61, 150, 101)
+    assert event["start_s"] == pytest.approx(6.0) and event["end_s"] == pytest.approx(14.9)
+    assert event["peak_score"] == 2.0
+    assert find_events(scores, threshold=5.0) == []
+
+
+def test_find_events_merges_gaps_and_drops_short_runs() -> None:
+    scores = np.zeros(100)
+    scores[10:20] = 1  # frames 11-20
+    scores[23:30] = 1  # gap of 3 frames: merged with the first run
+    scores[50:52] = 1  # 2 frames: shorter than min_length
+    scores[70:80] = 1  # far away: its own event
+    events = find_events(scores, 0.5, fps=10.0, min_length=3, merge_gap=5)
+    assert [(e["start_frame"], e["end_frame"]) for e in events] == [(11, 30), (71, 80)]
+    unmerged = find_events(scores, 0.5, merge_gap=0, min_length=1)
+    assert len(unmerged) == 4
+    # sample.mp4 starts at Test001 frame 46: with first_frame=46 the numbers are the clip's.
+    (first, *_) = find_events(scores, 0.5, first_frame=46)
+    assert first["start_frame"] == 56 and first["start_s"] == pytest.approx(1.0)
+
+
+def test_choose_alert_threshold_separates_classes() -> None:
+    labels = np.r_[np.zeros(50), np.ones(30)].astype(int)
+    scores = np.r_[np.linspace(0, 1, 50), np.linspace(2, 3, 30)]
+    for method in ("youden", "f1"):
+        thr = choose_alert_threshold(scores, labels, method)
+        assert 1.0 < thr <= 2.0
+        assert ((scores >= thr) == labels.astype(bool)).all()
+    with pytest.raises(ValueError, match="both"):
+        choose_alert_threshold(scores, np.zeros(80))
+
+
+def test_frame_auroc_and_per_clip_normalisation() -> None:
+    assert frame_auroc([0.1, 0.2, 0.9], [0, 0, 1]) == 1.0
+    assert frame_auroc([0.1, 0.2], [0, 0]) is None
+    # Clip B's scores are offset: concatenated AUROC suffers, per-clip min-max normalisation fixes it.
+    scores = [np.array([0.0, 0.1, 1.0]), np.array([5.0, 5.1, 6.0])]
+    labels = [np.array([0, 0, 1]), np.array([0, 0, 1])]
+    assert frame_auroc(scores, labels) < 1.0
+    assert frame_auroc(scores, labels, normalize_per_clip=True) == 1.0
+    assert [s.tolist() for s in normalize_per_clip([[2.0, 4.0], [1.0, 1.0]])] == [[0.0, 1.0], [0.0, 0.0]]
+    with pytest.raises(ValueError, match="differ in length"):
+        frame_auroc([0.1, 0.2], [0, 1, 1])
