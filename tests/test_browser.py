@@ -1,0 +1,142 @@
+"""The demos in a real browser: Debian's chromium driven by Playwright (never `playwright install`).
+
+Each test loads an app served by test_apps.py's servers, uploads a file, presses the button and reads
+the result from the page; screenshots are saved under the test's tmp_path. Run alone with
+`pytest -m browser`, or skip with `-m "not browser"`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from test_apps import ANOMALY_ONSET_S, SAMPLE_VIDEO, app_servers_for, stop_all
+
+from tlkit.paths import data_root
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+TIMEOUT_MS = 120_000  # a busy 2-core machine: model calls take seconds, page loads too
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.is_file():
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    sync_api.expect.set_options(timeout=TIMEOUT_MS)
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory):
+    for name in ("malaria", "gtsrb", "ucsd_ped2"):
+        if not (data_root() / name).is_dir():
+            pytest.skip(f"{name} sample not found under {data_root()}")
+    yield app_servers_for(tmp_path_factory)
+    stop_all()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    yield page
+    context.close()
+
+
+def _open(page, url: str) -> None:
+    from playwright.sync_api import expect
+
+    page.goto(url, wait_until="domcontentloaded")
+    expect(page.get_by_role("button").first).to_be_visible()
+
+
+def _upload_image(page, path: Path) -> None:
+    page.locator("#image-input input[type=file]").set_input_files(str(path))
+    page.locator("#image-input img").first.wait_for()  # the preview: the file reached the server
+
+
+def test_medical_page(servers, page, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    _open(page, servers["medical"].url)
+    expect(page.get_by_text("Research demo, not a diagnosis")).to_be_visible()
+    image = sorted((data_root() / "malaria" / "val" / "Parasitized").glob("*.png"))[0]
+    _upload_image(page, image)
+    page.get_by_role("button", name="Analyse").click()
+    expect(page.locator("#decision")).to_contain_text("Decision:")
+    decision = page.locator("#decision").inner_text()
+    assert re.search(r"sensitivity \d\.\d{3}, specificity \d\.\d{3}", decision), decision
+    probs = page.locator("#probabilities").inner_text()
+    assert "Parasitized" in probs and "Uninfected" in probs and "%" in probs
+    page.screenshot(path=str(tmp_path / "medical.png"), full_page=True)
+
+
+def test_medical_page_shows_upload_errors(servers, page, bad_image: Path, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    _open(page, servers["medical"].url)
+    page.locator("#image-input input[type=file]").set_input_files(str(bad_image))
+    page.wait_for_timeout(1500)  # let the upload finish (no preview to wait for: it does not decode)
+    page.get_by_role("button", name="Analyse").click()
+    expect(page.get_by_text("corrupt or truncated image file").first).to_be_visible()
+    page.screenshot(path=str(tmp_path / "medical-error.png"), full_page=True)
+    # the page and the server keep working after the error
+    _upload_image(page, sorted((data_root() / "malaria" / "val" / "Uninfected").glob("*.png"))[0])
+    page.get_by_role("button", name="Analyse").click()
+    expect(page.locator("#decision")).to_contain_text("Decision:")
+
+
+@pytest.fixture
+def bad_image(tmp_path: Path) -> Path:
+    src = sorted((data_root() / "malaria" / "val" / "Parasitized").glob("*.png"))[0]
+    bad = tmp_path / "cell.png"
+    bad.write_bytes(src.read_bytes()[:300])  # a PNG header and a cut-off image stream
+    return bad
+
+
+def test_traffic_signs_page(servers, page, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    _open(page, servers["traffic-signs"].url)
+    _upload_image(page, sorted((data_root() / "gtsrb" / "val" / "14").glob("*.png"))[0])
+    page.get_by_role("button", name="Recognise").click()
+    top = page.locator("#top5")
+    expect(top).to_contain_text("%")
+    text = top.inner_text()
+    names = ["Speed limit (30km/h)", "Stop", "Road work", "Keep right"]  # the test checkpoint's 4 classes
+    assert sum(name in text for name in names) == 4, text
+    page.screenshot(path=str(tmp_path / "traffic-signs.png"), full_page=True)
+
+
+def test_surveillance_page(servers, page, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    _open(page, servers["surveillance"].url)
+    page.locator("#video-input input[type=file]").set_input_files(str(SAMPLE_VIDEO))
+    page.locator("#video-input video").first.wait_for()
+    page.get_by_role("button", name="Analyse").click()
+    status = page.locator("#status textarea")
+    expect(status).to_have_value(re.compile(r"^Done: 60 frames"))
+    spans = [(float(a), float(b)) for a, b in re.findall(r"(\d+\.\d)-(\d+\.\d) s", status.input_value())]
+    assert any(end >= ANOMALY_ONSET_S for _, end in spans), status.input_value()
+    alerts = page.locator("#alerts").inner_text()
+    numbers = [float(x) for x in re.findall(r"\d+(?:\.\d+)?", alerts)]
+    assert "start (s)" in alerts and spans[0][0] in numbers and spans[0][1] in numbers, alerts
+    page.screenshot(path=str(tmp_path / "surveillance.png"), full_page=True)

@@ -1,0 +1,234 @@
+"""Inference with a tlkit checkpoint: `Predictor` for code and demos, `predict_files` for `tlkit predict`.
+
+Everything the model needs (architecture, classes, preprocessing, temperature, decision threshold) is
+read from the checkpoint, so a prediction here matches what `tlkit evaluate` measured on val.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tlkit.checkpoint import CheckpointError, load_tlkit_checkpoint
+from tlkit.data.io import ImageDecodeError, is_image_file, load_rgb_array
+from tlkit.data.transforms import Preprocessing, eval_transform, norm_tensors, normalize
+
+ImageInput = str | Path | bytes | Image.Image | np.ndarray
+
+
+def _is_single(images: Any) -> bool:
+    return isinstance(images, str | Path | bytes | Image.Image | np.ndarray)
+
+
+class Predictor:
+    """A classifier rebuilt from a tlkit checkpoint, ready for inference.
+
+    Thread-safe for concurrent demo requests: the model is only ever run in eval mode under
+    `torch.inference_mode()` (no state changes), and each thread gets its own preprocessing pipeline.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        classes: Sequence[str],
+        preprocessing: Preprocessing | dict,
+        *,
+        class_ids: Sequence[str] | None = None,
+        threshold: float | None = None,
+        temperature: float | None = None,
+        positive_index: int | None = None,
+        val_metrics: dict | None = None,
+        task: str = "classify",
+        arch: str | None = None,
+        device: str | torch.device = "cpu",
+        checkpoint: dict | None = None,
+        path: Path | None = None,
+    ):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.classes = list(classes)
+        self.class_ids = list(class_ids) if class_ids is not None else list(classes)
+        self.preprocessing = (
+            preprocessing if isinstance(preprocessing, Preprocessing) else Preprocessing.from_dict(preprocessing)
+        )
+        self.threshold = None if threshold is None else float(threshold)
+        self.temperature = float(temperature) if temperature else 1.0
+        self.positive_index = positive_index
+        self.val_metrics = dict(val_metrics or {})
+        self.task = task
+        self.arch = arch
+        self.checkpoint = checkpoint or {}  # metadata only (weights dropped), e.g. data_root, recipe
+        self.path = path
+        self._mean, self._std = norm_tensors(self.preprocessing, self.device)
+        self._local = threading.local()
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "auto", *, use_ema: bool = True) -> Predictor:
+        """Load a tlkit classification checkpoint (`torch.load(weights_only=True)`) and rebuild its model."""
+        from tlkit.engine import resolve_device
+        from tlkit.evaluation import positive_index as default_positive_index
+        from tlkit.models import model_from_checkpoint
+
+        ckpt = load_tlkit_checkpoint(path)
+        if ckpt.get("task", "classify") != "classify":
+            raise CheckpointError(
+                f"{path} is a {ckpt.get('task')!r} checkpoint, not an image classifier "
+                "(anomaly checkpoints are used by the surveillance demo)"
+            )
+        dev = resolve_device(device)
+        model = model_from_checkpoint(ckpt, use_ema=use_ema)
+        pos = ckpt.get("positive_index")
+        if pos is None and len(ckpt["classes"]) == 2:
+            pos = default_positive_index(ckpt)
+        meta = {k: v for k, v in ckpt.items() if k not in ("model", "ema", "optimizer", "scheduler", "rng")}
+        return cls(
+            model,
+            ckpt["classes"],
+            ckpt["preprocessing"],
+            class_ids=ckpt.get("class_ids"),
+            threshold=ckpt.get("threshold"),
+            temperature=ckpt.get("temperature"),
+            positive_index=pos,
+            val_metrics=ckpt.get("val_metrics"),
+            task=ckpt.get("task", "classify"),
+            arch=ckpt.get("arch"),
+            device=dev,
+            checkpoint=meta,
+            path=Path(path),
+        )
+
+    # ---- preprocessing ------------------------------------------------------------------------------
+
+    @property
+    def transform(self):
+        """The eval transform (resize, centre crop), one instance per thread."""
+        t = getattr(self._local, "transform", None)
+        if t is None:
+            t = self._local.transform = eval_transform(self.preprocessing)
+        return t
+
+    def crop(self, image: ImageInput) -> np.ndarray:
+        """The HxWx3 uint8 array the model sees (after resize and centre crop, before normalisation)."""
+        return self.transform(load_rgb_array(image))
+
+    def to_tensor(self, crops: Sequence[np.ndarray]) -> torch.Tensor:
+        batch = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous().to(self.device)
+        return normalize(batch, self._mean, self._std)
+
+    def preprocess(self, image: ImageInput) -> torch.Tensor:
+        """Path, bytes, PIL image or HxW[x3] uint8 array -> normalised 1x3xHxW float tensor on the device.
+        Undecodable input raises `ImageDecodeError` with a one-line reason."""
+        return self.to_tensor([self.crop(image)])
+
+    # ---- inference --------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.model(batch.to(self.device)).float()
+
+    def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
+        """Temperature-scaled softmax (the temperature fitted on val at the end of fine-tuning)."""
+        return torch.softmax(self.logits(batch) / self.temperature, dim=1)
+
+    def describe(self, probs: np.ndarray, topk: int = 5) -> dict:
+        """One prediction as a JSON-able dict from a row of class probabilities."""
+        order = np.argsort(-probs, kind="stable")
+        k = max(1, min(int(topk), len(self.classes)))
+        best = int(order[0])
+        out: dict[str, Any] = {
+            "label": self.classes[best],
+            "index": best,
+            "probability": float(probs[best]),
+            "topk": [{"label": self.classes[int(i)], "probability": float(probs[int(i)])} for i in order[:k]],
+        }
+        decision = self.decision(probs)
+        if decision is not None:
+            out["decision"] = decision
+        return out
+
+    def decision(self, probs: np.ndarray) -> dict | None:
+        """Binary classifiers: the call at the threshold chosen on val (not simply the argmax)."""
+        if len(self.classes) != 2 or self.positive_index is None:
+            return None
+        pos = int(self.positive_index)
+        threshold = 0.5 if self.threshold is None else self.threshold
+        score = float(probs[pos])
+        positive = score >= threshold
+        return {
+            "label": self.classes[pos] if positive else self.classes[1 - pos],
+            "positive": bool(positive),
+            "positive_class": self.classes[pos],
+            "score": score,
+            "threshold": float(threshold),
+        }
+
+    def predict(self, images: ImageInput | Iterable[ImageInput], topk: int = 5, batch_size: int = 32) -> list[dict]:
+        """Classify one image or a list of images; returns one dict per image (see `describe`)."""
+        items = [images] if _is_single(images) else list(images)
+        results: list[dict] = []
+        for start in range(0, len(items), batch_size):
+            crops = [self.crop(item) for item in items[start : start + batch_size]]
+            probs = self.probabilities(self.to_tensor(crops)).cpu().numpy()
+            results.extend(self.describe(p, topk) for p in probs)
+        return results
+
+
+# ---- `tlkit predict` ------------------------------------------------------------------------------------
+
+
+def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
+    """Files as given (any extension: a bad one gets an error line), folders -> their images, sorted."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and is_image_file(f)))
+        else:
+            out.append(p)
+    return out
+
+
+def error_message(error: Exception, source: str | Path | None = None) -> str:
+    """One line, without the `<file>: ` prefix (the file is named beside it) or Python object reprs."""
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else type(error).__name__
+    if source is not None:
+        text = text.removeprefix(f"{source}: ")
+    return re.sub(r"cannot identify image file .*", "not an image file (unknown or unsupported format)", text)
+
+
+def predict_files(
+    checkpoint: str | Path, paths: Iterable[str | Path], topk: int = 5, device: str = "auto", batch_size: int = 32
+) -> Iterator[dict]:
+    """One JSON-able dict per image, in order: `{"file", "label", "index", "probability", "topk",
+    "decision"?}`, or `{"file", "error"}` for a file that is missing or does not decode.
+
+    The checkpoint is loaded before this returns, so a bad checkpoint fails here, not mid-stream."""
+    predictor = Predictor.from_checkpoint(checkpoint, device=device)
+    return _predict_lines(predictor, expand_paths(paths), topk, batch_size)
+
+
+def _predict_lines(predictor: Predictor, files: list[Path], topk: int, batch_size: int) -> Iterator[dict]:
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        crops: list[np.ndarray | None] = []
+        errors: dict[int, str] = {}
+        for i, f in enumerate(chunk):
+            try:
+                crops.append(predictor.crop(f))
+            except (ImageDecodeError, OSError, ValueError) as e:
+                crops.append(None)
+                errors[i] = error_message(e, f)
+        good = [c for c in crops if c is not None]
+        probs = iter(predictor.probabilities(predictor.to_tensor(good)).cpu().numpy() if good else [])
+        for i, f in enumerate(chunk):
+            if i in errors:
+                yield {"file": str(f), "error": errors[i]}
+            else:
+                yield {"file": str(f), **predictor.describe(next(probs), topk)}
