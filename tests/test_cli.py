@@ -76,15 +76,8 @@ def test_bad_recipe_name() -> None:
     [
         (["optim.lrr=0.1"], "lrr"),
         (["train.epochs=many"], "train.epochs"),
-        pytest.param(
-            ["epochs"],
-            "key=value",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="cli.py builds --set overrides (parse_set) outside _run_guarded: RecipeError escapes, exit 1",
-            ),
-        ),
-        pytest.param(["lr=0.1"], "needs a section", marks=pytest.mark.xfail(strict=True, reason="same as above")),
+        (["epochs"], "key=value"),
+        (["lr=0.1"], "needs a section"),
     ],
 )
 def test_bad_set(sets: list[str], needle: str, cli_sets) -> None:

@@ -111,7 +111,8 @@ def pretrain(
     from tlkit.workflows import run_training
 
     _setup_logging()
-    overrides = _overrides(
+    overrides = _run_guarded(
+        _overrides,
         data=data,
         arch=arch,
         epochs=epochs,
@@ -155,7 +156,8 @@ def finetune(
     from tlkit.workflows import run_training
 
     _setup_logging()
-    overrides = _overrides(
+    overrides = _run_guarded(
+        _overrides,
         data=data,
         arch=arch,
         epochs=epochs,
@@ -250,8 +252,8 @@ def lr_find(
     from tlkit.lr_finder import run_lr_find
 
     _setup_logging()
-    overrides = _overrides(
-        data=data, arch=arch, batch_size=batch_size, img_size=img_size, device=device, sets=sets, init=init
+    overrides = _run_guarded(
+        _overrides, data=data, arch=arch, batch_size=batch_size, img_size=img_size, device=device, sets=sets, init=init
     )
     _run_guarded(run_lr_find, recipe, overrides, steps=steps, out=out)
 

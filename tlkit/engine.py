@@ -23,7 +23,7 @@ from torch import nn
 
 from tlkit import __version__
 from tlkit.checkpoint import CheckpointError, load_tlkit_checkpoint, save_checkpoint
-from tlkit.config import Recipe, recipe_from_dict, to_dict, to_yaml
+from tlkit.config import Recipe, to_dict, to_yaml
 from tlkit.data.loader import build_datasets, class_weights, make_loader
 from tlkit.data.transforms import Preprocessing, norm_tensors, normalize, preprocessing_for, train_transform
 from tlkit.distributed import DistInfo, all_gather_cat, all_reduce_sum, broadcast_object, init_distributed
@@ -335,11 +335,7 @@ def fit(recipe: Recipe, *, kind: str = "pretrain", resume: str | Path | None = N
     resumed = None
     if resume:
         ckpt_path, resumed = resolve_resume(resume)
-        # The resumed run continues the recipe it was started with, except its epoch budget may grow.
-        epochs = recipe.train.epochs if recipe.train.epochs != resumed["recipe"]["train"]["epochs"] else None
-        recipe = recipe_from_dict(resumed["recipe"])
-        if epochs:
-            recipe = recipe_from_dict({**to_dict(recipe), "train": {**to_dict(recipe)["train"], "epochs": epochs}})
+        # The caller passes the run's own recipe (see `workflows.resume_recipe`), plus what the user changed.
         kind = resumed.get("kind", kind)
 
     # device and processes

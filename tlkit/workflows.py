@@ -37,11 +37,24 @@ def resolve_init(recipe: Recipe) -> Recipe:
     return replace(recipe, model={"init": str(newest)})
 
 
+def resume_recipe(resume: str | Path, overrides: dict) -> Recipe:
+    """A resumed run continues the recipe it was started with; only options the user passes now
+    (e.g. a larger --epochs) change it, never recipe defaults."""
+    from tlkit.config import deep_merge, recipe_from_dict
+    from tlkit.engine import resolve_resume
+
+    _, ckpt = resolve_resume(resume)
+    return recipe_from_dict(deep_merge(ckpt["recipe"], overrides))
+
+
 def run_training(
     recipe_name: str, overrides: dict, *, kind: str, resume: str | None = None, quiet: bool = False
 ) -> Path:
     """Load the recipe, train, then calibrate and report. Returns the run folder."""
-    recipe = load_recipe(recipe_name, overrides, cuda=torch.cuda.is_available())
+    if resume:
+        recipe = resume_recipe(resume, overrides)
+    else:
+        recipe = load_recipe(recipe_name, overrides, cuda=torch.cuda.is_available())
     if kind == "finetune" and recipe.finetune is None and recipe.task == "classify":
         recipe = replace(recipe, finetune={})
     if not resume:
