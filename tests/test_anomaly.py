@@ -215,6 +215,11 @@ def test_fit_on_arrays_without_calibration() -> None:
     scorer = PatchCoreScorer(_resnet18(), {**PREPROCESS, "img_size": 32}, proj_dim=64).fit(frames)
     assert scorer.stats == {"mean": 0.0, "std": 1.0} and scorer.bank.shape[1] == 64
     np.testing.assert_array_equal(scorer.score(frames), scorer.score(frames, raw=True))
+    # Explicit held-out normal frames (e.g. a whole training clip) set the score scale instead.
+    others = [rng.integers(0, 255, (48, 64), dtype=np.uint8) for _ in range(3)]
+    scorer.fit(frames, calib_frames=others)
+    assert scorer.fit_info["n_calib"] == 3 and scorer.stats["std"] != 1.0
+    np.testing.assert_allclose(scorer.score(others).mean(), 0.0, atol=1e-6)
 
 
 def test_grayscale_preprocessing_ignores_colour() -> None:

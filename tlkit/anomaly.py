@@ -479,42 +479,52 @@ class PatchCoreScorer:
         coreset_ratio: float = 0.1,
         max_bank: int = 16384,
         max_candidates: int = 200_000,
+        calib_frames: FrameSource | None = None,
         calib_every: int = 10,
+        calib_block: int = 10,
         coreset_dim: int | None = 32,
         seed: int = 0,
     ) -> PatchCoreScorer:
         """Build the memory bank from normal frames.
 
-        Every `calib_every`-th frame is held out of the bank and scored afterwards; the mean/std of those
-        scores standardise later scores (with < 2 held-out frames, stats stay mean 0 / std 1 = raw).
-        Patches are reservoir-sampled down to `max_candidates` before the coreset, which has
-        `min(max_bank, coreset_ratio * candidates)` rows; both caps bound CPU time and memory.
+        Patches are reservoir-sampled down to `max_candidates`, then a greedy coreset of
+        `min(max_bank, coreset_ratio * candidates)` rows is kept; both caps bound CPU time and memory.
+
+        Scores are standardised by the mean/std of frame scores of normal frames that are *not* in the
+        bank: `calib_frames` if given (best: whole held-out normal clips), else blocks of `calib_block`
+        consecutive frames, one block in every `calib_every`, held out of `frames`. Blocks rather than
+        single frames, because a lone held-out video frame has near-duplicate neighbours in the bank and
+        would make normal scores look too low. With < 2 held-out frames, stats stay mean 0 / std 1 (raw).
         """
+        hold_out = calib_frames is None and calib_every > 1
         reservoir = _Reservoir(max_candidates, seed)
         calib: list[torch.Tensor] = []
         n_frames = 0
         for batch, emb in self._iter_embedded(frames, batch_size):
             for j in range(len(batch)):
-                # Hold out mid-interval frames so held-out frames are far from the ends of short clips.
-                if calib_every > 1 and (n_frames + j) % calib_every == calib_every // 2:
-                    calib.append(emb[j].reshape(-1, emb.shape[-1]).cpu())
+                rows = emb[j].reshape(-1, emb.shape[-1]).cpu()
+                if hold_out and ((n_frames + j) // calib_block) % calib_every == calib_every // 2:
+                    calib.append(rows.half())  # only for score statistics: half precision is plenty
                 else:
-                    reservoir.add(emb[j].reshape(-1, emb.shape[-1]).cpu())
+                    reservoir.add(rows)
             n_frames += len(batch)
         candidates = reservoir.rows()
         n_select = max(1, min(max_bank, math.ceil(coreset_ratio * candidates.shape[0])))
         keep = greedy_coreset(candidates.to(self.device), n_select, proj_dim=coreset_dim, seed=seed)
-        self.bank = candidates[keep.cpu()].clone()
+        self.bank = candidates[keep.cpu()].to(self.device)  # kept on the device: scoring reads it every batch
         self.stats = {"mean": 0.0, "std": 1.0}
-        if len(calib) >= 2:
-            raw = np.array([float(self._patch_scores(c.to(self.device)).max()) for c in calib])
+        if calib_frames is not None:
+            raw = self.score(calib_frames, batch_size=batch_size, raw=True)
+        else:
+            raw = np.array([float(self._patch_scores(c.float().to(self.device)).max()) for c in calib])
+        if raw.size >= 2:
             self.stats = {"mean": float(raw.mean()), "std": float(max(raw.std(ddof=1), 1e-6))}
-        self.fit_info = {"n_frames": n_frames, "n_calib": len(calib), "n_candidates": len(candidates)}
+        self.fit_info = {"n_frames": n_frames, "n_calib": int(raw.size), "n_candidates": len(candidates)}
         return self
 
     # -- scoring -------------------------------------------------------------------------------------------
 
-    def _patch_scores(self, patches: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    def _patch_scores(self, patches: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
         """Distance of each patch (P, D) to its nearest bank rows (mean over the `k` nearest)."""
         if self.bank is None:
             raise RuntimeError("PatchCoreScorer is not fitted: call fit() or from_state_dict() first")
@@ -617,7 +627,7 @@ class PatchCoreScorer:
         saved_fp, fp = cfg.get("model_fingerprint"), scorer.config["model_fingerprint"]
         if saved_fp is not None and not math.isclose(saved_fp, fp, rel_tol=1e-6):
             warnings.warn("model weights differ from those used to fit this anomaly state", stacklevel=2)
-        scorer.bank = state["bank"].float()
+        scorer.bank = state["bank"].float().to(scorer.device)
         scorer.proj = None if state.get("proj") is None else state["proj"].float()
         scorer.stats = {k: float(v) for k, v in state["stats"].items()}
         scorer.threshold = None if state.get("threshold") is None else float(state["threshold"])
