@@ -71,11 +71,15 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto", *, use_ema: bool = True) -> Predictor:
-        """Load a tlkit classification checkpoint (`torch.load(weights_only=True)`) and rebuild its model."""
+        """Load a tlkit classification checkpoint (`torch.load(weights_only=True)`) and rebuild its model.
+        A run folder means its `best.pt` (the one with the calibrated temperature and threshold)."""
         from tlkit.engine import resolve_device
         from tlkit.evaluation import positive_index as default_positive_index
         from tlkit.models import model_from_checkpoint
 
+        path = Path(path)
+        if path.is_dir() and (path / "best.pt").is_file():
+            path = path / "best.pt"  # a run folder: the calibrated best.pt, not last.pt
         ckpt = load_tlkit_checkpoint(path)
         if ckpt.get("task", "classify") != "classify":
             raise CheckpointError(
@@ -101,7 +105,7 @@ class Predictor:
             arch=ckpt.get("arch"),
             device=dev,
             checkpoint=meta,
-            path=Path(path),
+            path=path,
         )
 
     # ---- preprocessing ------------------------------------------------------------------------------

@@ -325,7 +325,7 @@ def build_demo(checkpoint: str | Path | None = None, *, preload: bool = True) ->
                 "Scores webcam frames as they arrive (about 2 per second). The model only knows the UCSD walkway, "
                 "so any other scene scores as abnormal: this shows the streaming path, not a useful detector."
             )
-            cam = gr.Image(sources=["webcam"], streaming=True, type="numpy", label="Webcam")
+            cam = gr.Image(sources=["webcam"], streaming=True, type="numpy", label="Webcam", height=260)
             cam_plot = gr.Plot(label="Live score")
             cam_status = gr.Textbox(label="Live status", interactive=False)
             history = gr.State([])
