@@ -27,7 +27,7 @@ def test_imagenet_recipe_loads() -> None:
     assert isinstance(r, Recipe)
     assert r.name == "imagenet" and r.task == "classify"
     assert r.data.name == "tiny_imagenet_200" and r.data.img_size == 64 and r.data.crop_pct == 1.0
-    assert r.train.epochs == 5 and r.train.batch_size == 64
+    assert r.train.epochs == 4 and r.train.batch_size == 64
     assert r.optim.lr == 0.4 and r.optim.warmup_epochs == 0.5
     assert r.model.arch == "resnet18" and r.model.compile is False
     assert r.finetune is None and r.anomaly is None
