@@ -105,9 +105,7 @@ def test_binary_against_sklearn(noisy_binary) -> None:
     assert m["confusion_matrix"] == [[tn, fp], [fn, tp]]
     assert m["macro_accuracy"] == pytest.approx((m["sensitivity"] + m["specificity"]) / 2)
     assert all(
-        type(v) in (int, float, str)
-        for k, v in m.items()
-        if k not in ("per_class", "class_names", "confusion_matrix")
+        type(v) in (int, float, str) for k, v in m.items() if k not in ("per_class", "class_names", "confusion_matrix")
     )
     json.dumps(m)
 
@@ -189,9 +187,7 @@ def test_target_sensitivity_reached_with_highest_threshold(noisy_binary) -> None
             assert np.mean(pos[y == 1] >= higher[0]) < target
     # Exact count arithmetic: 20 positives at 95% -> 19 must be caught, not 20.
     s = np.linspace(0.05, 1.0, 20)
-    assert choose_threshold(s, np.ones(20), method="sensitivity", target_sensitivity=0.95) == pytest.approx(
-        0.1
-    )
+    assert choose_threshold(s, np.ones(20), method="sensitivity", target_sensitivity=0.95) == pytest.approx(0.1)
 
 
 def test_temperature_scaling_fixes_overconfidence() -> None:

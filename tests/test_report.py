@@ -67,9 +67,7 @@ def test_training_curves_empty_returns_none(tmp_path: Path) -> None:
 
 def test_training_curves_repeated_epoch_keeps_last(tmp_path: Path) -> None:
     p = tmp_path / "m.jsonl"
-    p.write_text(
-        '{"epoch": 1, "train_loss": 2}\n{"epoch": 2, "train_loss": 9}\n{"epoch": 2, "train_loss": 1}\n'
-    )
+    p.write_text('{"epoch": 1, "train_loss": 2}\n{"epoch": 2, "train_loss": 9}\n{"epoch": 2, "train_loss": 1}\n')
     assert [r["train_loss"] for r in read_metrics_jsonl(p)] == [2, 1]
 
 

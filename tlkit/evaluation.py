@@ -119,17 +119,44 @@ def evaluate_checkpoint(
     quiet: bool = False,
 ) -> dict:
     """`tlkit evaluate`: metrics.json + report/ for any labelled split in the checkpoint's classes."""
-    from tlkit.report import write_report
-
     ckpt = load_tlkit_checkpoint(checkpoint)
     if ckpt.get("task") == "anomaly":
         from tlkit.surveillance import evaluate_anomaly_checkpoint
 
         return evaluate_anomaly_checkpoint(ckpt, checkpoint, data, split=split, out=out)
     logits, targets, skipped = checkpoint_logits(ckpt, data, split, batch_size=batch_size, device=device, quiet=quiet)
-    metrics, probs = metrics_for(ckpt, logits, targets)
-    metrics["skipped_images"] = skipped
     out = Path(out) if out else Path(checkpoint).parent / f"eval-{split}"
+    metrics = write_checkpoint_report(
+        ckpt,
+        logits,
+        targets,
+        out,
+        data=data,
+        split=split,
+        title=f"tlkit evaluation: {Path(checkpoint)}",
+        extra={"skipped_images": skipped},
+    )
+    console.print(f"report: {out / 'report.md'}")
+    return metrics
+
+
+def write_checkpoint_report(
+    ckpt: dict,
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    out: Path,
+    *,
+    data: str | Path,
+    split: str,
+    title: str,
+    metrics_jsonl: Path | None = None,
+    extra: dict | None = None,
+) -> dict:
+    """Metrics at the checkpoint's temperature/threshold -> `out/` (metrics.json, plots, report.md)."""
+    from tlkit.report import write_report
+
+    metrics, probs = metrics_for(ckpt, logits, targets)
+    metrics.update(extra or {})
     write_report(
         out,
         metrics,
@@ -138,18 +165,20 @@ def evaluate_checkpoint(
         class_names=ckpt["classes"],
         positive_index=positive_index(ckpt),
         threshold=ckpt.get("threshold"),
+        metrics_jsonl=metrics_jsonl,
         context=report_context(ckpt, data, split),
-        title=f"tlkit evaluation: {Path(checkpoint)}",
+        title=title,
     )
-    console.print(f"report: {out / 'report.md'}")
     return metrics
 
 
-def calibrate(best_path: Path, data_root: str, val_split: str, *, device: str = "auto", quiet: bool = False) -> dict:
+def calibrate(
+    best_path: Path, data_root: str, val_split: str, *, device: str = "auto", quiet: bool = False
+) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """Fit temperature scaling and the binary decision threshold on val; store both in best.pt.
 
     The threshold is chosen on temperature-scaled probabilities, so what is stored is consistent
-    with what predict/evaluate/demos compute."""
+    with what predict/evaluate/demos compute. Returns (calibration, val logits, val targets)."""
     from tlkit.metrics import choose_threshold, expected_calibration_error, fit_temperature, softmax
 
     ckpt = load_tlkit_checkpoint(best_path)
@@ -174,7 +203,7 @@ def calibrate(best_path: Path, data_root: str, val_split: str, *, device: str = 
     val_metrics, _ = metrics_for(ckpt, logits, targets)
     ckpt["val_metrics"] = {k: v for k, v in val_metrics.items() if isinstance(v, int | float | type(None))}
     save_checkpoint(ckpt, best_path)
-    return result
+    return result, logits, targets
 
 
 def write_json(path: Path, obj: dict) -> None:

@@ -81,32 +81,30 @@ def _is_main() -> bool:
 def finish(result, recipe: Recipe, kind: str, *, quiet: bool = False) -> Path:
     """Calibrate (fine-tuning), write report/ from best.pt on val, print where things are."""
     from tlkit.checkpoint import load_tlkit_checkpoint
-    from tlkit.evaluation import calibrate, checkpoint_logits, metrics_for, positive_index, report_context
-    from tlkit.report import write_report
+    from tlkit.evaluation import calibrate, checkpoint_logits, write_checkpoint_report
 
     run_dir, bundle = result.run_dir, result.extras["bundle"]
     has_val = bundle.val is not None and result.best_path.is_file()
     if has_val:
+        logits = targets = None
         if kind == "finetune":
-            calib = calibrate(result.best_path, bundle.root, recipe.data.val_split, quiet=quiet)
+            calib, logits, targets = calibrate(result.best_path, bundle.root, recipe.data.val_split, quiet=quiet)
             console.print(
                 "calibration on val: " + ", ".join(f"{k} {v:.4g}" for k, v in calib.items() if isinstance(v, float))
             )
         ckpt = load_tlkit_checkpoint(result.best_path)
-        logits, targets, _ = checkpoint_logits(ckpt, bundle.root, recipe.data.val_split, quiet=quiet)
-        metrics, probs = metrics_for(ckpt, logits, targets)
-        metrics["calibration"] = ckpt.get("calibration")
-        write_report(
+        if logits is None:
+            logits, targets, _ = checkpoint_logits(ckpt, bundle.root, recipe.data.val_split, quiet=quiet)
+        write_checkpoint_report(
+            ckpt,
+            logits,
+            targets,
             run_dir / "report",
-            metrics,
-            probs=probs,
-            targets=targets.numpy(),
-            class_names=ckpt["classes"],
-            positive_index=positive_index(ckpt),
-            threshold=ckpt.get("threshold"),
-            metrics_jsonl=run_dir / "metrics.jsonl",
-            context=report_context(ckpt, bundle.root, recipe.data.val_split),
+            data=bundle.root,
+            split=recipe.data.val_split,
             title=f"tlkit {kind}: {recipe.name}",
+            metrics_jsonl=run_dir / "metrics.jsonl",
+            extra={"calibration": ckpt.get("calibration")},
         )
     console.print(f"\n[bold]best checkpoint:[/bold] {result.best_path}  (val top-1 {result.best_top1:.2f}%)")
     if has_val:
