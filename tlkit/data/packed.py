@@ -1,0 +1,538 @@
+"""Pack store: a split decoded once, pre-resized, as one uint8 N x S x S x 3 memory-mapped array.
+
+`tlkit data pack` (-> `pack_split`) writes, in one folder per split and size:
+
+    images.npy   uint8 (N, S, S, 3), standard .npy (np.load(..., mmap_mode="r") reads it)
+    labels.npy   int64 (N,): class index, -1 for a file that could not be decoded (skipped on reading)
+    files.txt    the source file of each row, relative to the dataset root
+    meta.json    format, version, split, size, fit, interpolation, classes, class_ids, count, failed
+
+meta.json is written last: a folder without it is an unfinished pack. Rows keep `scan_split`'s order
+(class by class), and the class list is the one the engine would build, so labels mean the same thing.
+
+Why raw pixels rather than FFCV's JPEG-in-a-file: decoding is what a GPU outruns first. A raw row is one
+memcpy from the page cache; batches are cropped and flipped on the device (`tlkit.data.gpu`). The price
+is disk: S=160 takes 77 KB an image (ImageNet-1k train: 98 GB), so that S should fit in the page cache
+for full speed; the 22,000 tiny_imagenet images at 64 px take 0.27 GB and go on the GPU whole.
+
+`fit="crop"` (default) resizes the short side to S and keeps the central square: training crops come
+from that square, and evaluation is exact when a val split is packed at `round(img_size / crop_pct)`
+(resize, then center-crop img_size, as the engine's eval transform does). `fit="squash"` keeps the
+whole image, aspect ratio not preserved.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from tlkit.data.gpu import DEFAULT_RATIO, DeviceLoader, _BatchLoader, augment_batch, nhwc_to_nchw
+
+log = logging.getLogger("tlkit.data.packed")
+
+PACK_FORMAT = "tlkit-pack"
+PACK_VERSION = 1
+FITS = ("crop", "squash")
+
+# Recipe augmentations that only the CPU (albumentations) path implements; the fast paths do
+# RandomResizedCrop + horizontal flip (the ResNet/FFCV recipe), and say so rather than silently drop these.
+CPU_ONLY_AUGMENTATIONS = (
+    "color_jitter",
+    "randaugment",
+    "rotate",
+    "perspective",
+    "blur",
+    "brightness_contrast",
+    "random_erasing",
+)
+
+
+class PackError(ValueError):
+    """A pack folder that is missing, unfinished, or does not match the run; one line for the user."""
+
+
+# ---- writing ---------------------------------------------------------------------------------------------
+
+
+def _resample(interpolation: str) -> int:
+    from PIL import Image
+
+    table = {
+        "nearest": Image.NEAREST,
+        "bilinear": Image.BILINEAR,
+        "bicubic": Image.BICUBIC,
+        "area": Image.BOX,
+        "lanczos": Image.LANCZOS,
+    }
+    if interpolation not in table:
+        raise ValueError(f"unknown interpolation {interpolation!r}; use one of {', '.join(table)}")
+    return table[interpolation]
+
+
+def resize_for_pack(image: np.ndarray, size: int, fit: str = "crop", interpolation: str = "bilinear") -> np.ndarray:
+    """HxWx3 uint8 -> size x size x 3 uint8. `crop`: short side to `size` (PIL, anti-aliased when
+    shrinking), then the central square; an image already `size` on its short side is not resampled.
+    `squash`: the whole image to size x size."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    if fit == "squash":
+        if (h, w) == (size, size):
+            return np.ascontiguousarray(image)
+        return np.asarray(Image.fromarray(image).resize((size, size), _resample(interpolation)))
+    if fit != "crop":
+        raise ValueError(f"unknown fit {fit!r}; use one of {', '.join(FITS)}")
+    scale = size / min(h, w)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nh, nw) != (h, w):
+        image = np.asarray(Image.fromarray(image).resize((nw, nh), _resample(interpolation)))
+    top, left = (nh - size) // 2, (nw - size) // 2
+    return np.ascontiguousarray(image[top : top + size, left : left + size])
+
+
+def _pack_rows(images_path: str, start: int, samples: list, size: int, fit: str, interpolation: str) -> list:
+    """Decode, resize and write rows start..start+len(samples); returns [(row, reason)] for failures."""
+    from tlkit.data.datasets import ImageDataset
+    from tlkit.data.io import ImageDecodeError
+
+    out = np.load(images_path, mmap_mode="r+")
+    reader = ImageDataset(samples)
+    failed = []
+    for k in range(len(samples)):
+        try:
+            out[start + k] = resize_for_pack(reader.load(k), size, fit, interpolation)
+        except ImageDecodeError as e:
+            out[start + k] = 0
+            failed.append((start + k, str(e)))
+    out.flush()
+    del out
+    return failed
+
+
+def default_pack_dir(name: str, split: str, size: int) -> Path:
+    """`$TLKIT_PACKS/<dataset>/<split>-<size>` (default `packs/`, beside `runs/`)."""
+    return Path(os.environ.get("TLKIT_PACKS", "packs")) / Path(str(name)).name / f"{split}-{size}"
+
+
+def pack_split(
+    root: str | os.PathLike,
+    split: str,
+    out: str | os.PathLike,
+    size: int,
+    *,
+    fit: str = "crop",
+    interpolation: str = "bilinear",
+    class_ids: list[str] | None = None,
+    max_classes: int = 0,
+    max_per_class: int = 0,
+    roi_crop: bool = False,
+    workers: int = -1,
+    overwrite: bool = False,
+    chunk: int = 512,
+) -> dict:
+    """Decode every image of `root/split` once, resize to `size` (see `resize_for_pack`) and write the
+    pack into folder `out`; returns its meta.json content. Unreadable files are counted and get label -1.
+
+    `root` is a dataset folder or a name under the data root; `class_ids` fixes the class order (pack a
+    val split with the train split's ids). Runs on `workers` processes (-1: all cores)."""
+    from tlkit.data.datasets import read_class_names, scan_split
+    from tlkit.paths import resolve_data
+
+    if fit not in FITS:
+        raise ValueError(f"unknown fit {fit!r}; use one of {', '.join(FITS)}")
+    _resample(interpolation)
+    size = int(size)
+    if size < 8:
+        raise ValueError(f"pack size {size} is too small")
+    root = resolve_data(root)
+    out = Path(out)
+    if (out / "meta.json").exists() and not overwrite:
+        raise PackError(f"{out} already holds a pack; pass overwrite=True (--overwrite) to replace it")
+    samples, ids = scan_split(
+        root,
+        split,
+        class_ids,
+        max_classes=max_classes,
+        max_per_class=max_per_class,
+        roi_crop=roi_crop,
+        ignore_unknown=bool(class_ids) and max_classes > 0,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("meta.json", "images.npy", "labels.npy", "files.txt"):
+        (out / name).unlink(missing_ok=True)
+    n = len(samples)
+    partial = out / "images.npy.partial"
+    np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(n, size, size, 3)).flush()
+
+    if workers < 0:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    chunk = max(1, min(chunk, math.ceil(n / max(1, workers))))
+    jobs = [(str(partial), s, samples[s : s + chunk], size, fit, interpolation) for s in range(0, n, chunk)]
+    failed: list = []
+    if workers <= 1 or len(jobs) == 1:
+        for job in jobs:
+            failed += _pack_rows(*job)
+    else:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            for result in pool.map(_pack_rows, *zip(*jobs, strict=True)):
+                failed += result
+    for _, reason in failed:
+        log.warning("skipping unreadable image %s", reason)
+
+    labels = np.array([s.target for s in samples], dtype=np.int64)
+    labels[[row for row, _ in failed]] = -1
+    np.save(out / "labels.npy", labels)
+    (out / "files.txt").write_text("".join(_relative(s.path, root) + "\n" for s in samples))
+    os.replace(partial, out / "images.npy")
+    meta = {
+        "format": PACK_FORMAT,
+        "version": PACK_VERSION,
+        "dataset": Path(root).name,
+        "split": split,
+        "size": size,
+        "fit": fit,
+        "interpolation": interpolation,
+        "roi_crop": roi_crop,
+        "count": n,
+        "failed": len(failed),
+        "classes": read_class_names(root, ids),
+        "class_ids": ids,
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def is_pack(path: str | os.PathLike) -> bool:
+    return (Path(path) / "meta.json").is_file() and (Path(path) / "images.npy").is_file()
+
+
+def remove_pack(path: str | os.PathLike) -> None:
+    path = Path(path)
+    if path.is_dir() and ((path / "meta.json").exists() or (path / "images.npy.partial").exists()):
+        shutil.rmtree(path)
+
+
+# ---- reading ---------------------------------------------------------------------------------------------
+
+
+class PackedDataset(Dataset):
+    """A pack, memory-mapped. Items look like `ImageDataset`'s, `(uint8 CHW tensor, target, 0)`, and a
+    CPU `transform` (the albumentations presets) applies when set, seeded per (seed, epoch, index): the
+    standard DataLoader path can read a pack with every recipe augmentation, minus the JPEG decode.
+    Rows whose file could not be decoded at pack time are left out."""
+
+    def __init__(self, path: str | os.PathLike, transform=None, *, seed: int = 0):
+        path = Path(path)
+        if not is_pack(path):
+            hint = " (unfinished: packing was interrupted)" if (path / "images.npy.partial").exists() else ""
+            raise PackError(f"no pack in {path}{hint}; make one with `tlkit data pack`")
+        self.path = path
+        self.meta = json.loads((path / "meta.json").read_text())
+        if self.meta.get("format") != PACK_FORMAT or self.meta.get("version", 0) > PACK_VERSION:
+            raise PackError(f"{path} is not a tlkit pack this version can read")
+        self.images = np.load(path / "images.npy", mmap_mode="r")
+        labels = np.load(path / "labels.npy")
+        self.rows = np.flatnonzero(labels >= 0)
+        self.labels = labels[self.rows]
+        self.size = int(self.meta["size"])
+        self.classes: list[str] = list(self.meta["classes"])
+        self.class_ids: list[str] = list(self.meta["class_ids"])
+        self.transform = transform
+        self.seed, self.epoch = seed, 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.rows) * self.size * self.size * 3
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def targets(self) -> np.ndarray:
+        return self.labels.copy()
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        image = np.array(self.images[self.rows[index]])
+        if self.transform is not None:
+            seed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
+            image = self.transform(image, seed)
+        return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1), int(self.labels[index]), 0
+
+    def read(self, indices, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows for dataset indices as (B, S, S, 3) uint8 (into `out` when given)."""
+        rows = self.rows[np.asarray(indices, dtype=np.int64)]
+        if out is None:
+            return np.take(self.images, rows, axis=0)
+        return np.take(self.images, rows, axis=0, out=out, mode="clip")  # "raise" would buffer `out`
+
+    def all_pixels(self) -> np.ndarray:
+        """Every readable row, in RAM (for `DeviceLoader`)."""
+        return self.images[:] if len(self.rows) == len(self.images) else self.read(np.arange(len(self)))
+
+    def check_classes(self, class_ids: list[str]) -> None:
+        if list(class_ids) != self.class_ids:
+            raise PackError(
+                f"pack {self.path} was made for other classes ({len(self.class_ids)} vs {len(class_ids)} "
+                "expected, or another order); pack again with the run's class ids"
+            )
+
+
+class PackedLoader(_BatchLoader):
+    """Batches straight from the memory map: host threads gather rows into (pinned) memory, one copy to
+    the device, then random resized crop + flip there (`tlkit.data.gpu.augment_batch`).
+
+    Yields `(float32 0..255 NCHW on device, targets on device, failed)`: the engine's `StepContext.prepare`
+    normalises it as it does uint8 batches. `set_size` changes the output size (progressive resizing)."""
+
+    def __init__(
+        self,
+        dataset: PackedDataset,
+        *,
+        batch_size: int,
+        train: bool,
+        size: int,
+        device: torch.device | str = "cpu",
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = DEFAULT_RATIO,
+        hflip: float = 0.5,
+        crop_pct: float = 1.0,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        weights=None,
+        threads: int = 4,
+        prefetch: int = 3,
+        method: str = "roi_align",
+    ):
+        super().__init__(
+            len(dataset),
+            batch_size=batch_size,
+            train=train,
+            size=size,
+            seed=seed,
+            rank=rank,
+            world=world,
+            weights=weights,
+        )
+        self.dataset = dataset
+        self.device = torch.device(device)
+        self.pin = self.device.type == "cuda"
+        self.threads, self.prefetch = max(1, threads), max(1, prefetch)
+        self.aug = dict(scale=scale, ratio=ratio, hflip=hflip, crop_pct=crop_pct, method=method)
+
+    def _submit(self, pool: ThreadPoolExecutor, idx: list[int]):
+        s = self.dataset.size
+        host = torch.empty((len(idx), s, s, 3), dtype=torch.uint8, pin_memory=self.pin)
+        view = host.numpy()
+        step = math.ceil(len(idx) / self.threads)
+        parts = [
+            pool.submit(self.dataset.read, idx[i : i + step], view[i : i + step]) for i in range(0, len(idx), step)
+        ]
+        return host, parts
+
+    def __iter__(self):
+        batches = list(self._batches())
+        with ThreadPoolExecutor(self.threads) as pool:
+            pending = [self._submit(pool, idx) for _, idx in batches[: self.prefetch]]
+            for k, (b, idx) in enumerate(batches):
+                host, parts = pending[k]
+                pending[k] = None  # type: ignore[call-overload]
+                for part in parts:
+                    part.result()
+                if k + self.prefetch < len(batches):
+                    pending.append(self._submit(pool, batches[k + self.prefetch][1]))
+                images = host.to(self.device, non_blocking=True)
+                targets = torch.from_numpy(self.dataset.labels[idx]).to(self.device, non_blocking=True)
+                out = augment_batch(
+                    nhwc_to_nchw(images), self.size, train=self.train, generator=self._generator(b), **self.aug
+                )
+                yield out, targets, self.failed_zeros(len(idx))
+
+
+# ---- choosing a data path ----------------------------------------------------------------------------------
+
+
+def cpu_only_augmentations(data) -> list[str]:
+    """The recipe's augmentations (a `DataConfig`) that the fast paths do not implement."""
+    return [name for name in CPU_ONLY_AUGMENTATIONS if getattr(data, name, 0)]
+
+
+def fits_on_device(nbytes: int, device: torch.device | str, fraction: float = 0.25) -> bool:
+    """True when `nbytes` of pixels take at most `fraction` of the device's free memory (CUDA only)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= fraction * free
+
+
+def choose_data_path(data, device: torch.device | str, pack_dir: str | os.PathLike | None, mode: str = "auto"):
+    """(path, reason) for a run: `cpu` (DataLoader + albumentations), `packed` (memmap + device aug),
+    `gpu` (the whole pack resident on the device) or `jpeg` (nvJPEG decode + device aug).
+
+    `auto`: on a CPU device, `cpu` (the model, not decoding, is the bottleneck there and the workers run
+    beside it); with augmentations only the CPU path has, `cpu`; on CUDA with a pack, `gpu` when its pixels
+    fit in a quarter of free GPU memory, else `packed`; on CUDA without a pack, `cpu`, with a hint."""
+    device = torch.device(device)
+    have_pack = pack_dir is not None and is_pack(pack_dir)
+    if mode not in ("auto", "cpu", "packed", "gpu", "jpeg"):
+        raise ValueError(f"unknown data loader {mode!r}; use auto, cpu, packed, gpu or jpeg")
+    if mode in ("packed", "gpu") and not have_pack:
+        raise PackError(f"data.loader={mode} needs a pack at {pack_dir}; make one with `tlkit data pack`")
+    extra = cpu_only_augmentations(data)
+    if mode != "auto":
+        if extra and mode != "cpu":
+            log.warning("data.loader=%s does crop+flip only; ignoring %s", mode, ", ".join(extra))
+        return mode, "asked for"
+    if device.type != "cuda":
+        return "cpu", "CPU device: DataLoader workers decode beside the model"
+    if extra:
+        return "cpu", f"recipe uses CPU-only augmentations ({', '.join(extra)})"
+    if not have_pack:
+        return "cpu", f"no pack at {pack_dir}; `tlkit data pack` makes the GPU data path possible"
+    nbytes = PackedDataset(pack_dir).nbytes
+    if fits_on_device(nbytes, device):
+        return "gpu", f"pack ({nbytes / 2**30:.2f} GiB) fits on the GPU"
+    return "packed", f"pack ({nbytes / 2**30:.2f} GiB) streams from the page cache"
+
+
+def pack_dirs(data) -> tuple[Path, Path]:
+    """Where `fit` looks for the packs of a `DataConfig`: `data.pack_dir` when the config has one set
+    (a folder holding `<split>-<size>` packs), else `default_pack_dir`'s parent. Train at `img_size`;
+    val at `round(img_size / crop_pct)`, so the device-side eval crop equals the engine's eval transform."""
+    base = getattr(data, "pack_dir", "") or default_pack_dir(data.name, data.train_split, data.img_size).parent
+    val_size = int(round(data.img_size / data.crop_pct))
+    return Path(base) / f"{data.train_split}-{data.img_size}", Path(base) / f"{data.val_split}-{val_size}"
+
+
+def build_packed_datasets(recipe, class_ids: list[str] | None = None):
+    """`loader.build_datasets` for packs: a `DataBundle` of `PackedDataset`s (no albumentations needed).
+    The packs must hold the run's classes in the run's order (`class_ids` on resume)."""
+    from tlkit.data.datasets import read_class_names
+    from tlkit.data.loader import DataBundle
+    from tlkit.paths import resolve_data
+
+    train_dir, val_dir = pack_dirs(recipe.data)
+    train = PackedDataset(train_dir, seed=recipe.train.seed)
+    if class_ids is not None:
+        train.check_classes(class_ids)
+    val = None
+    if recipe.data.val_split and is_pack(val_dir):
+        val = PackedDataset(val_dir, seed=recipe.train.seed)
+        val.check_classes(train.class_ids)
+    root = resolve_data(recipe.data.name)
+    classes = read_class_names(root, train.class_ids) if root.is_dir() else train.classes
+    return DataBundle(train, val, classes, train.class_ids, str(root))  # type: ignore[arg-type]
+
+
+def make_fast_loader(
+    kind: str,
+    source,
+    data,
+    *,
+    batch_size: int,
+    train: bool,
+    seed: int,
+    device: torch.device | str,
+    rank: int = 0,
+    world: int = 1,
+    size: int | None = None,
+    weights=None,
+):
+    """The loader for `kind` in (`packed`, `gpu`, `jpeg`), configured from a `DataConfig` `data`.
+
+    `source`: a pack folder or `PackedDataset` (packed, gpu), or `(path, target)` samples (jpeg).
+    Training: RandomResizedCrop(scale=(data.scale_min, 1)) + flip(data.hflip) to `size or data.img_size`;
+    evaluation: the central `crop_pct` square, resized to img_size (exact eval crop for a val pack made at
+    round(img_size / crop_pct))."""
+    from tlkit.data.gpu import JpegLoader
+
+    size = size or data.img_size
+    common = dict(
+        batch_size=batch_size,
+        train=train,
+        size=size,
+        device=device,
+        scale=(data.scale_min, 1.0),
+        hflip=data.hflip,
+        crop_pct=data.crop_pct,
+        seed=seed,
+        rank=rank,
+        world=world,
+        weights=weights,
+    )
+    if kind == "jpeg":
+        return JpegLoader(source, **common)
+    dataset = source if isinstance(source, PackedDataset) else PackedDataset(source)
+    if kind == "gpu":
+        return DeviceLoader(dataset.all_pixels(), dataset.labels, **common)
+    if kind == "packed":
+        return PackedLoader(dataset, **common)
+    raise ValueError(f"unknown fast loader {kind!r}; use packed, gpu or jpeg")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m tlkit.data.packed ROOT SPLIT OUT SIZE`: what `tlkit data pack` will call."""
+    import argparse
+    import time
+
+    p = argparse.ArgumentParser(description="Pack a dataset split into a uint8 memory-mapped store.")
+    p.add_argument("root", help="dataset folder, or a name under the data root")
+    p.add_argument("split")
+    p.add_argument("out")
+    p.add_argument("size", type=int)
+    p.add_argument("--fit", choices=FITS, default="crop")
+    p.add_argument("--interpolation", default="bilinear")
+    p.add_argument("--class-ids-from", help="a pack whose class list to use (pack val with train's ids)")
+    p.add_argument("--max-classes", type=int, default=0)
+    p.add_argument("--max-per-class", type=int, default=0)
+    p.add_argument("--roi-crop", action="store_true")
+    p.add_argument("--workers", type=int, default=-1)
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    ids = PackedDataset(args.class_ids_from).class_ids if args.class_ids_from else None
+    t0 = time.perf_counter()
+    meta = pack_split(
+        args.root,
+        args.split,
+        args.out,
+        args.size,
+        fit=args.fit,
+        interpolation=args.interpolation,
+        class_ids=ids,
+        max_classes=args.max_classes,
+        max_per_class=args.max_per_class,
+        roi_crop=args.roi_crop,
+        workers=args.workers,
+        overwrite=args.overwrite,
+    )
+    gib = meta["count"] * meta["size"] ** 2 * 3 / 2**30
+    print(
+        f"packed {meta['count']} images ({meta['failed']} unreadable) of {len(meta['class_ids'])} classes "
+        f"at {meta['size']} px into {args.out}: {gib:.2f} GiB in {time.perf_counter() - t0:.1f}s"
+    )
+
+
+if __name__ == "__main__":
+    main()
