@@ -100,3 +100,16 @@ def test_linear_probe_run_leaves_the_body_untouched(pretrained, tmp_path):
     body = [k for k in tuned if not k.startswith("fc.")]
     assert all(torch.equal(tuned[k], init[k]) for k in body), "frozen body changed"
     assert not torch.equal(tuned["fc.weight"][:4], init["fc.weight"][:4])
+
+
+def test_progressive_resizing_ramps_up_and_ends_at_full_size():
+    from tlkit.config import load_recipe
+    from tlkit.engine import _progressive_size
+
+    recipe = load_recipe(
+        "imagenet",
+        {"data": {"img_size": 64}, "train": {"epochs": 6, "progressive_min_size": 32, "progressive_end_epoch": 4}},
+    )
+    sizes = [_progressive_size(recipe, e) for e in range(1, 7)]
+    assert sizes[0] == 32 and sizes[3:] == [64, 64, 64]
+    assert sizes == sorted(sizes) and len(set(sizes)) >= 3

@@ -502,7 +502,7 @@ def fit(recipe: Recipe, *, kind: str = "pretrain", resume: str | Path | None = N
             data.train.set_epoch(epoch)
             train_loader.sampler.set_epoch(epoch)
             size = _progressive_size(recipe, epoch)
-            if size != recipe.data.img_size:
+            if recipe.train.progressive_min_size > 0:  # also back to full size once the ramp ends
                 data.train.transform = train_transform(recipe.data, img_size=size)
             step0 = start_step if epoch == start_epoch else 0
             train_loader.sampler.start = step0 * recipe.train.batch_size
@@ -622,7 +622,7 @@ def _progressive_size(recipe: Recipe, epoch: int) -> int:
     end = t.progressive_end_epoch or max(1, int(0.85 * t.epochs))
     frac = min(1.0, (epoch - 1) / max(1, end - 1))
     size = t.progressive_min_size + frac * (full - t.progressive_min_size)
-    return min(full, int(round(size / 32)) * 32 or 32)
+    return min(full, int(round(size / 8)) * 8 or 8)  # multiples of 8 keep strided stages aligned
 
 
 def _ranks_in_sync(model: nn.Module, info: DistInfo) -> bool:
