@@ -27,7 +27,7 @@ def test_imagenet_recipe_loads() -> None:
     assert isinstance(r, Recipe)
     assert r.name == "imagenet" and r.task == "classify"
     assert r.data.name == "tiny_imagenet_200" and r.data.img_size == 48 and r.data.crop_pct == 1.0
-    assert r.train.epochs == 3 and r.train.batch_size == 64
+    assert r.train.epochs == 2 and r.train.batch_size == 64
     assert r.optim.lr == 0.4 and r.optim.warmup_epochs == 0.5
     assert r.model.arch == "resnet18" and r.model.compile is False
     assert r.finetune is None and r.anomaly is None
@@ -117,7 +117,7 @@ def test_broken_recipe_files(tmp_path: Path) -> None:
 def test_gpu_block_only_with_cuda() -> None:
     cpu = load_recipe("imagenet", cuda=False)
     gpu = load_recipe("imagenet", cuda=True)
-    assert (cpu.train.epochs, cpu.train.batch_size, cpu.model.compile, cpu.data.num_workers) == (3, 64, False, -1)
+    assert (cpu.train.epochs, cpu.train.batch_size, cpu.model.compile, cpu.data.num_workers) == (2, 64, False, -1)
     assert (gpu.train.epochs, gpu.train.batch_size, gpu.model.compile, gpu.data.num_workers) == (30, 256, True, 8)
     assert (cpu.data.img_size, gpu.data.img_size) == (48, 64)
     assert gpu.data.name == cpu.data.name and gpu.optim == cpu.optim  # the rest of the recipe is shared
