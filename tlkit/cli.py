@@ -36,10 +36,6 @@ Sets = Annotated[list[str] | None, typer.Option("--set", help="Any recipe field:
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
 
 
-class UserError(Exception):
-    """An error whose message is for the user: printed on one line, exit code 2."""
-
-
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
@@ -78,7 +74,7 @@ def _run_guarded(fn, *args, **kwargs):
 
     try:
         return fn(*args, **kwargs)
-    except (DataError, RecipeError, CheckpointError, UserError, FileNotFoundError) as e:
+    except (DataError, RecipeError, CheckpointError, FileNotFoundError) as e:
         _fail(str(e))
     except ValueError as e:
         if str(e) and "\n" not in str(e).strip():

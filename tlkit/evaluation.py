@@ -6,7 +6,6 @@ from the checkpoint, so `tlkit evaluate` takes nothing but the checkpoint and th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -204,7 +203,3 @@ def calibrate(
     ckpt["val_metrics"] = {k: v for k, v in val_metrics.items() if isinstance(v, int | float | type(None))}
     save_checkpoint(ckpt, best_path)
     return result, logits, targets
-
-
-def write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2))
