@@ -26,7 +26,7 @@ def test_imagenet_recipe_loads() -> None:
     r = load_recipe("imagenet")
     assert isinstance(r, Recipe)
     assert r.name == "imagenet" and r.task == "classify"
-    assert r.data.name == "tiny_imagenet_200" and r.data.img_size == 48 and r.data.crop_pct == 1.0
+    assert r.data.name == "tiny_imagenet_200" and r.data.img_size == 40 and r.data.crop_pct == 1.0
     assert r.train.epochs == 2 and r.train.batch_size == 64
     assert r.optim.lr == 0.4 and r.optim.warmup_epochs == 0.5
     assert r.model.arch == "resnet18" and r.model.compile is False
@@ -62,7 +62,7 @@ def test_set_overrides_are_nested_and_typed() -> None:
     assert r.optim.weight_decay == pytest.approx(1e-4)
     assert r.data.max_classes == 7
     # untouched fields keep the recipe's values
-    assert r.data.img_size == 48 and r.optim.warmup_epochs == 0.5
+    assert r.data.img_size == 40 and r.optim.warmup_epochs == 0.5
 
 
 def test_later_set_wins_and_empty_value() -> None:
@@ -119,7 +119,7 @@ def test_gpu_block_only_with_cuda() -> None:
     gpu = load_recipe("imagenet", cuda=True)
     assert (cpu.train.epochs, cpu.train.batch_size, cpu.model.compile, cpu.data.num_workers) == (2, 64, False, -1)
     assert (gpu.train.epochs, gpu.train.batch_size, gpu.model.compile, gpu.data.num_workers) == (30, 256, True, 8)
-    assert (cpu.data.img_size, gpu.data.img_size) == (48, 64)
+    assert (cpu.data.img_size, gpu.data.img_size) == (40, 64)
     assert gpu.data.name == cpu.data.name and gpu.optim == cpu.optim  # the rest of the recipe is shared
 
 
