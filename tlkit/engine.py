@@ -295,6 +295,16 @@ def recipe_num_classes(model: nn.Module) -> int:
     return unwrap(model).num_classes
 
 
+def model_for_recipe(recipe: Recipe, num_classes: int, device: torch.device) -> tuple[nn.Module, dict]:
+    """The recipe's model with its init weights, on `device`, channels_last if asked (fit and lr-find)."""
+    m = recipe.model
+    model, info = build_model(m.arch, num_classes, init=m.init, drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate)
+    model.to(device)
+    if m.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model, info
+
+
 def run_name(recipe: Recipe, kind: str) -> str:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     label = kind if kind == "pretrain" else f"{kind}-{recipe.name}"
@@ -364,16 +374,7 @@ def fit(recipe: Recipe, *, kind: str = "pretrain", resume: str | Path | None = N
         else preprocessing_for(recipe.model.arch, recipe.data, init=recipe.model.init)
     )
     data = build_datasets(recipe, pre, class_ids=resumed["class_ids"] if resumed else None)
-    model, init_info = build_model(
-        recipe.model.arch,
-        len(data.class_ids),
-        init=recipe.model.init,
-        drop_rate=recipe.model.drop_rate,
-        drop_path_rate=recipe.model.drop_path_rate,
-    )
-    model.to(device)
-    if recipe.model.channels_last:
-        model.to(memory_format=torch.channels_last)
+    model, init_info = model_for_recipe(recipe, len(data.class_ids), device)
 
     # what trains, at which LR
     strategy = Strategy(model, recipe.finetune) if recipe.finetune else None

@@ -23,8 +23,15 @@ from torch import nn
 from tlkit.config import FinetuneConfig, load_recipe
 from tlkit.data.loader import build_datasets, class_weights, make_loader
 from tlkit.data.transforms import norm_tensors, preprocessing_for
-from tlkit.engine import StepContext, autocast_for, mix_batch, resolve_device, scaled_lr, seed_everything
-from tlkit.models import build_model
+from tlkit.engine import (
+    StepContext,
+    autocast_for,
+    mix_batch,
+    model_for_recipe,
+    resolve_device,
+    scaled_lr,
+    seed_everything,
+)
 from tlkit.optim import build_optimizer
 from tlkit.paths import runs_dir
 from tlkit.progress import Progress, console
@@ -65,16 +72,7 @@ def run_lr_find(
     # exactly as engine.fit builds them
     pre = preprocessing_for(recipe.model.arch, recipe.data, init=recipe.model.init)
     data = build_datasets(recipe, pre)
-    model, _ = build_model(
-        recipe.model.arch,
-        len(data.class_ids),
-        init=recipe.model.init,
-        drop_rate=recipe.model.drop_rate,
-        drop_path_rate=recipe.model.drop_path_rate,
-    )
-    model.to(device)
-    if recipe.model.channels_last:
-        model.to(memory_format=torch.channels_last)
+    model, _ = model_for_recipe(recipe, len(data.class_ids), device)
     strategy = Strategy(model, recipe.finetune) if recipe.finetune else None
     optimizer = build_optimizer(
         model,
