@@ -194,6 +194,10 @@ def test_score_maps_match_frames(fitted) -> None:
     np.testing.assert_allclose(map_scores, scores[58:62], rtol=1e-5, atol=1e-5)
     assert len(maps) == 4 and all(m.shape == (240, 360) and m.dtype == np.float32 for m in maps)
     assert all(np.isfinite(m).all() for m in maps)
+    # The cheap streaming path (keep the grid, upsample the peak only) gives the same map.
+    grids = [g for _, g in scorer.iter_scores(clip.frames[58:62], batch_size=2, grids=True)]
+    assert grids[0].ndim == 2 and grids[0].size < maps[0].size / 50
+    np.testing.assert_allclose(scorer.upsample_map(grids[3], (240, 360)), maps[3], rtol=1e-4, atol=1e-4)
 
 
 def test_evaluate_clips_is_json_serialisable(fitted) -> None:

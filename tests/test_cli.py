@@ -90,6 +90,17 @@ def test_missing_data_folder(tmp_path: Path) -> None:
     assert str(tmp_path / "nowhere") in result.stderr
 
 
+def test_wrong_layout_leaves_no_run_folder(tmp_path: Path) -> None:
+    # A folder of loose images is not a class-per-folder layout: the error comes before any run folder.
+    data = tmp_path / "loose"
+    data.mkdir()
+    (data / "a.jpg").write_bytes(b"not really")
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["pretrain", "--quiet", "--data", str(data), "--out", str(out)])
+    assert result.exit_code == 2 and len(_error_lines(result)) == 1, result.output
+    assert not out.exists()
+
+
 def test_bad_option_value_is_a_usage_error() -> None:
     result = runner.invoke(app, ["pretrain", "--epochs", "0"])
     assert result.exit_code == 2

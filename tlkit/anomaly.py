@@ -549,19 +549,37 @@ class PatchCoreScorer:
 
     @torch.inference_mode()
     def iter_scores(
-        self, frames: FrameSource, batch_size: int = 16, maps: bool = False, raw: bool = False
+        self, frames: FrameSource, batch_size: int = 16, maps: bool = False, raw: bool = False, grids: bool = False
     ) -> Iterator[tuple[float, np.ndarray | None]]:
-        """Per frame, lazily: (frame score, heat map at frame size or None). For streaming demos."""
+        """Per frame, lazily: (frame score, heat map or None). For streaming demos.
+
+        `maps=True` gives heat maps at frame size; `grids=True` the patch-distance grid itself (h, w), which
+        costs nothing extra: a live demo keeps the peak frame's grid and upsamples only that one with
+        `upsample_map`, instead of upsampling every frame or scoring the peak frame a second time.
+        """
         for batch, emb in self._iter_embedded(frames, batch_size):
             n, h, w, d = emb.shape
             dist = self._patch_scores(emb.reshape(-1, d)).reshape(n, h, w)
             scores = dist.flatten(1).max(dim=1).values.cpu().numpy().astype(np.float64)
-            heat = self._heatmaps(dist, batch[0].shape[:2]) if maps else [None] * n
+            if maps:
+                heat = self._heatmaps(dist, batch[0].shape[:2])
+            elif grids:
+                heat = list(dist.cpu().numpy().astype(np.float32))
+            else:
+                heat = [None] * n
             for s, m in zip(scores, heat, strict=True):
                 if not raw:
                     s = self._standardise(s)
                     m = None if m is None else self._standardise(m).astype(np.float32)
                 yield float(s), m
+
+    def upsample_map(self, grid: np.ndarray, frame_hw: tuple[int, int]) -> np.ndarray:
+        """A patch grid from `iter_scores(grids=True)` as a smooth heat map (H, W) at frame size.
+
+        Upsampling and blurring commute with the affine standardisation, so a standardised grid gives the
+        same map as `score_maps`."""
+        dist = torch.from_numpy(np.ascontiguousarray(grid, dtype=np.float32))[None]
+        return self._heatmaps(dist, frame_hw)[0]
 
     def _heatmaps(self, dist: torch.Tensor, frame_hw: tuple[int, int]) -> list[np.ndarray]:
         # Bilinear upsampling to the frame, then a Gaussian blur as in PatchCore for smooth overlays.

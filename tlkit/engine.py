@@ -364,8 +364,6 @@ def fit(recipe: Recipe, *, kind: str = "pretrain", resume: str | Path | None = N
     else:
         name = recipe.train.out or str(runs_dir() / run_name(recipe, kind))
         run_dir = Path(broadcast_object(name, info))
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
 
     # data first: the class list sizes the head; preprocessing comes from the weights when they carry it
     pre = (
@@ -375,6 +373,8 @@ def fit(recipe: Recipe, *, kind: str = "pretrain", resume: str | Path | None = N
     )
     data = build_datasets(recipe, pre, class_ids=resumed["class_ids"] if resumed else None)
     model, init_info = model_for_recipe(recipe, len(data.class_ids), device)
+    if info.is_main:  # only now: a bad --data or --init leaves no empty run folder behind
+        run_dir.mkdir(parents=True, exist_ok=True)
 
     # what trains, at which LR
     strategy = Strategy(model, recipe.finetune) if recipe.finetune else None

@@ -123,11 +123,15 @@ def analyze_stream(
             "truncated": truncated,
         }
 
-    for score, _ in monitor.scorer.iter_scores(tap(), batch_size=BATCH):
+    for score, grid in monitor.scorer.iter_scores(tap(), batch_size=BATCH, grids=True):
         frame = pending.popleft()
         scores.append(float(score))
         if peak is None or score > peak["score"]:
-            peak = {"index": len(scores) - 1, "t": (len(scores) - 1) / fps, "score": float(score), "frame": frame}
+            # The patch grid is kept so the heat map needs no second pass over the frame.
+            peak = {
+                "index": len(scores) - 1, "t": (len(scores) - 1) / fps, "score": float(score), "frame": frame,
+                "grid": grid,
+            }  # fmt: skip
         if len(scores) % update_every == 0:
             yield snapshot(False)
     if not scores:
@@ -135,12 +139,15 @@ def analyze_stream(
     yield snapshot(True)
 
 
-def peak_heatmap(monitor: Monitor, frame: np.ndarray) -> np.ndarray:
-    """RGB overlay of the patch-distance heat map on the frame (red = far from every normal patch)."""
+def peak_heatmap(monitor: Monitor, frame: np.ndarray, grid: np.ndarray | None = None) -> np.ndarray:
+    """RGB overlay of the patch-distance heat map on the frame (red = far from every normal patch);
+    `grid` is the frame's patch grid from streaming (else the frame is scored again)."""
     import cv2
 
-    _, maps = monitor.scorer.score_maps([frame])
-    m = maps[0]
+    if grid is None:
+        m = monitor.scorer.score_maps([frame])[1][0]
+    else:
+        m = monitor.scorer.upsample_map(grid, frame.shape[:2])
     lo = min(float(np.percentile(m, 5)), 0.0)
     hi = max(float(m.max()), (monitor.threshold or 0.0) + 1e-6, lo + 1e-6)
     norm = np.clip((m - lo) / (hi - lo), 0, 1)
@@ -278,9 +285,9 @@ def build_demo(checkpoint: str | Path | None = None, *, preload: bool = True) ->
         try:
             for snap in analyze_stream(monitor, frames, fps):
                 peak = snap["peak"]
-                if peak is not None and peak["index"] != peak_index:  # one extra frame scored per new peak
+                if peak is not None and peak["index"] != peak_index:
                     peak_index, peak_img = peak["index"], peak["frame"]
-                    peak_overlay = peak_heatmap(monitor, peak["frame"])
+                    peak_overlay = peak_heatmap(monitor, peak["frame"], peak["grid"])
                 caption = (
                     f"Most abnormal frame: t = {peak['t']:.1f} s, score {peak['score']:.2f}" if peak else "Peak frame"
                 )
