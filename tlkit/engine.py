@@ -443,17 +443,18 @@ def fit(recipe: Recipe, *, kind: str = "pretrain", resume: str | Path | None = N
         if info.world == 1 and resumed.get("world_size", 1) == 1 and resumed.get("rng"):
             torch.set_rng_state(resumed["rng"]["torch"])  # dropout / drop-path draws continue as before
 
-    train_model: nn.Module = model
-    if recipe.model.compile and device.type == "cuda":
-        train_model = torch.compile(model)
-    if info.enabled:
+    compiled: nn.Module = torch.compile(model) if recipe.model.compile and device.type == "cuda" else model
+
+    def wrap() -> nn.Module:
+        # DDP reduces exactly the parameters that require grad when it is built, so it is (re)built after
+        # the strategy sets them: at the first epoch, and when freeze-unfreeze unfreezes the body.
+        if not info.enabled:
+            return compiled
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        train_model = DDP(
-            train_model,
-            device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=strategy is not None and strategy.may_freeze,
-        )
+        return DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None)
+
+    train_model = wrap() if strategy is None else compiled
 
     meta = {
         "format": "tlkit",
@@ -498,8 +499,10 @@ def fit(recipe: Recipe, *, kind: str = "pretrain", resume: str | Path | None = N
     with progress:
         for epoch in range(start_epoch, recipe.train.epochs + 1):
             t_epoch = time.perf_counter()
-            if strategy is not None:
-                strategy.on_epoch_start(epoch, console=console if info.is_main else None)
+            if strategy is not None and (
+                strategy.on_epoch_start(epoch, console=console if info.is_main else None) or epoch == start_epoch
+            ):
+                train_model = wrap()
             data.train.set_epoch(epoch)
             train_loader.sampler.set_epoch(epoch)
             size = _progressive_size(recipe, epoch)

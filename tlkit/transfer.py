@@ -30,10 +30,6 @@ class Strategy:
         self.body = {n for stage in self.stages for n in stage}
         self.frozen = False
 
-    @property
-    def may_freeze(self) -> bool:
-        return self.cfg.strategy in ("linear-probe", "freeze-unfreeze")
-
     def lr_multipliers(self) -> dict[str, float]:
         mults = {name: self.cfg.head_lr_mult for name in self.head}
         n = len(self.stages)
@@ -49,8 +45,11 @@ class Strategy:
             return epoch <= self.cfg.freeze_epochs
         return False
 
-    def on_epoch_start(self, epoch: int, console=None) -> None:
+    def on_epoch_start(self, epoch: int, console=None) -> bool:
+        """Set `requires_grad` for this epoch; True when the set of trainable parameters changed (a DDP
+        wrapper must then be rebuilt: it only reduces what required grad when it was made)."""
         frozen = self.body_frozen_at(epoch)
+        before = self.trainable()
         if frozen != self.frozen or epoch == 1:
             for name, p in self.model.named_parameters():
                 if name in self.body:
@@ -58,6 +57,7 @@ class Strategy:
             if console is not None and self.cfg.strategy != "full":
                 console.print(f"epoch {epoch}: body {'frozen (head only)' if frozen else 'unfrozen (all layers)'}")
         self.frozen = frozen
+        return self.trainable() != before
 
     def freeze_norm_stats(self) -> None:
         """After `model.train()`: BatchNorm layers of a frozen body go back to eval (fixed statistics)."""
