@@ -144,10 +144,8 @@ def peak_heatmap(monitor: Monitor, frame: np.ndarray, grid: np.ndarray | None = 
     `grid` is the frame's patch grid from streaming (else the frame is scored again)."""
     import cv2
 
-    if grid is None:
-        m = monitor.scorer.score_maps([frame])[1][0]
-    else:
-        m = monitor.scorer.upsample_map(grid, frame.shape[:2])
+    scorer = monitor.scorer
+    m = scorer.score_maps([frame])[1][0] if grid is None else scorer.upsample_map(grid, frame.shape[:2])
     lo = min(float(np.percentile(m, 5)), 0.0)
     hi = max(float(m.max()), (monitor.threshold or 0.0) + 1e-6, lo + 1e-6)
     norm = np.clip((m - lo) / (hi - lo), 0, 1)
