@@ -205,6 +205,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=25, help="per client")
     parser.add_argument("--video-runs", type=int, default=3)
     parser.add_argument("--skip-video", action="store_true")
+    parser.add_argument("--skip-images", action="store_true", help="only the surveillance video part")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
 
@@ -217,25 +218,26 @@ def main() -> None:
 
     result["machine"]["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
 
-    checkpoint = args.checkpoint or newest(args.app)
-    result["image_checkpoint_stand_in"] = checkpoint is None
-    if checkpoint is None:
-        print(f"no {args.app} run found: fine-tuning a stand-in checkpoint (recipe arch and input size)")
-        checkpoint = stand_in_checkpoint(args.app, workdir)
-    dataset, pattern = DATASET[args.app]
-    images = sorted((data_root() / dataset / "val").rglob(pattern))[::7][:64]
-    app = App(args.app, checkpoint, workdir)
-    try:
-        result["image_app"] = {"app": args.app, **describe(checkpoint),
-                               **image_load(app, images, args.clients, args.requests)}  # fmt: skip
-    finally:
-        app.stop()
-    r = result["image_app"]
-    print(
-        f"{args.app}: {r['clients']} clients x {r['requests_per_client']} requests: {r['errors']} errors, "
-        f"p50 {r['p50_s']:.2f} s, p95 {r['p95_s']:.2f} s, max {r['max_s']:.2f} s, {r['requests_per_s']:.2f} req/s "
-        f"({r['arch']} @ {r['img_size']} px)"
-    )
+    if not args.skip_images:
+        checkpoint = args.checkpoint or newest(args.app)
+        result["image_checkpoint_stand_in"] = checkpoint is None
+        if checkpoint is None:
+            print(f"no {args.app} run found: fine-tuning a stand-in checkpoint (recipe arch and input size)")
+            checkpoint = stand_in_checkpoint(args.app, workdir)
+        dataset, pattern = DATASET[args.app]
+        images = sorted((data_root() / dataset / "val").rglob(pattern))[::7][:64]
+        app = App(args.app, checkpoint, workdir)
+        try:
+            result["image_app"] = {"app": args.app, **describe(checkpoint),
+                                   **image_load(app, images, args.clients, args.requests)}  # fmt: skip
+        finally:
+            app.stop()
+        r = result["image_app"]
+        print(
+            f"{args.app}: {r['clients']} clients x {r['requests_per_client']} requests: {r['errors']} errors, "
+            f"p50 {r['p50_s']:.2f} s, p95 {r['p95_s']:.2f} s, max {r['max_s']:.2f} s, {r['requests_per_s']:.2f} req/s "
+            f"({r['arch']} @ {r['img_size']} px)"
+        )
 
     if not args.skip_video:
         surv = args.surveillance_checkpoint or newest("surveillance")

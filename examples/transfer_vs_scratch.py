@@ -13,6 +13,8 @@ import argparse
 import json
 from pathlib import Path
 
+import yaml
+
 from tlkit.config import deep_merge, parse_set
 from tlkit.paths import runs_dir, set_offline_env
 from tlkit.workflows import newest_checkpoint, run_training
@@ -26,11 +28,18 @@ def compare(recipe: str, init: str, overrides: dict) -> list[dict]:
         run_over = deep_merge(overrides, {"model": {"init": weights}, "finetune": {"strategy": "full"}})
         run_dir = run_training(recipe, run_over, kind="finetune", quiet=True)
         metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        budget = (
+            f"{cfg['data']['name']}, {cfg['model']['arch']} @ {cfg['data']['img_size']} px, "
+            + (f"{cfg['train']['epochs']} epochs" if cfg.get("task") != "anomaly" else "memory bank, no training")
+            + f", seed {cfg['train']['seed']}"
+        )
         rows.append(
             {
                 "init": label,
                 "weights": weights,
                 "run": str(run_dir),
+                "budget": budget,
                 **{k: metrics[k] for k in METRICS if metrics.get(k) is not None},
             }
         )
@@ -41,6 +50,8 @@ def to_markdown(recipe: str, rows: list[dict]) -> str:
     keys = [k for k in METRICS if any(k in r for r in rows)]
     lines = [
         f"# transfer vs scratch: {recipe}",
+        "",
+        f"Same budget for both rows: {rows[0]['budget']}.",
         "",
         "| init | " + " | ".join(keys) + " | run |",
         "|---|" + "---|" * (len(keys) + 1),
@@ -66,8 +77,10 @@ def main() -> None:
     if args.epochs:
         overrides = deep_merge(overrides, {"train": {"epochs": args.epochs}})
     rows = compare(args.recipe, str(init), overrides)
-    table = to_markdown(args.recipe, rows)
-    out = runs_dir() / f"transfer-vs-scratch-{args.recipe}.md"
+    data_name = overrides.get("data", {}).get("name")
+    name = f"{args.recipe}-{data_name}" if data_name else args.recipe
+    table = to_markdown(name, rows)
+    out = runs_dir() / f"transfer-vs-scratch-{name}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table)
     print(table)
