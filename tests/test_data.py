@@ -377,3 +377,34 @@ def test_augmentation_ops_draw_independently() -> None:
         spread[flipped].mean(),
         spread[~flipped].mean(),
     )
+
+
+def test_clip_layout_labels_frames_from_labels_csv(data_dir: Path) -> None:
+    root = data_dir / "ucsd_ped2"
+    val, classes = scan_split(root, "val", layout="clips", clips=["Test001"])
+    assert classes == ["normal", "abnormal"] and len(val) == 180
+    # UCSD Ped2 Test001: frames 61-180 are abnormal (labels.csv is keyed by frame number)
+    assert [s.target for s in val if s.path.name in ("060.jpg", "061.jpg")] == [0, 1]
+    assert sum(s.target for s in val) == 120
+    train, _ = scan_split(root, "train", layout="clips")  # clips without labels.csv: all normal
+    assert len(train) == 990 and not any(s.target for s in train)
+    rest, _ = scan_split(root, "val", layout="clips", skip_clips=["Test001"])
+    assert len(rest) == 360 and not {s.path for s in rest} & {s.path for s in val}
+    with pytest.raises(DataError, match="no clip.*Test999"):
+        scan_split(root, "val", layout="clips", clips=["Test999"])
+    with pytest.raises(DataError, match="unknown data layout"):
+        scan_split(root, "val", layout="frames")
+
+
+def test_squash_keeps_the_whole_frame() -> None:
+    # A 360x240 frame, bright only in its left-most 40 columns: a centre crop cuts that off, squash keeps it.
+    from tlkit.data.transforms import eval_transform
+
+    frame = np.zeros((240, 360, 3), dtype=np.uint8)
+    frame[:, :40] = 255
+    center = eval_transform(Preprocessing(img_size=64, crop_pct=1.0))(frame, 0)
+    squash = eval_transform(Preprocessing(img_size=64, crop_mode="squash"))(frame, 0)
+    assert center.shape == squash.shape == (64, 64, 3)
+    assert center.max() == 0 and squash[:, :5].min() == 255
+    train = train_transform(DataConfig(img_size=64, crop_mode="squash", hflip=0.0))(frame, 0)
+    assert train.shape == (64, 64, 3) and train[:, :5].min() == 255

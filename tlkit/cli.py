@@ -275,9 +275,11 @@ def list_recipes() -> None:
 
     from tlkit.config import available_recipes
 
-    for name, path in available_recipes().items():
+    recipes = sorted(available_recipes().items())
+    width = max((len(name) for name, _ in recipes), default=0)
+    for name, path in recipes:
         description = (yaml.safe_load(path.read_text()) or {}).get("description", "")
-        typer.echo(f"{name:16s} {description}")
+        typer.echo(f"{name:{width}s}  {description}")
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ class DataConfig:
     val_split: str = "val"
     img_size: int = 64
     crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, then center-crop img_size
+    crop_mode: str = "center"  # center | squash (whole image resized to a square: nothing is cut off)
     interpolation: str = "bilinear"
     scale_min: float = 0.25  # RandomResizedCrop scale=(scale_min, 1)
     hflip: float = 0.5
@@ -40,6 +41,10 @@ class DataConfig:
     max_per_class: int = 0  # 0 = all
     num_workers: int = -1  # -1 = auto
     sampler: str = "uniform"  # uniform | balanced (class-balanced sampling for imbalanced sets)
+    # auto: class folders (ImageNet/ImageFolder). clips: video clips as frame folders, each frame labelled
+    # normal/abnormal by its clip's labels.csv (frame,label); a clip without labels.csv is all normal.
+    layout: str = "auto"
+    val_clips: tuple[str, ...] = ()  # clips layout: these clips are val, every other clip trains (by name)
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ def checkpoint_loader(ckpt: dict, data: str | Path, split: str, batch_size: int 
         roi_crop=recipe_data.get("roi_crop", False),
         ignore_unknown=same_data,
         max_per_class=recipe_data.get("max_per_class", 0) if same_data else 0,
+        layout=recipe_data.get("layout", "auto"),
     )
     pre = Preprocessing.from_dict(ckpt["preprocessing"])
     dataset = ImageDataset(samples, eval_transform(pre))

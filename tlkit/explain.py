@@ -88,6 +88,8 @@ def _cam_state(predictor: Predictor) -> _CamState:
 def crop_box(height: int, width: int, predictor: Predictor) -> tuple[int, int, int, int]:
     """(top, left, bottom, right) of the eval centre crop, in the original image's pixels."""
     pre = predictor.preprocessing
+    if pre.crop_mode == "squash":
+        return 0, 0, height, width
     scale = pre.resize_size / min(height, width)
     side = pre.img_size / scale
     ch, cw = min(side, height), min(side, width)

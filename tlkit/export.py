@@ -167,6 +167,7 @@ def parity_inputs(ckpt: dict, pre: Preprocessing) -> tuple[dict[int, torch.Tenso
                 ckpt["class_ids"],
                 roi_crop=recipe_data.get("roi_crop", False),
                 ignore_unknown=True,
+                layout=recipe_data.get("layout", "auto"),
             )
             samples = [found[round(i * (len(found) - 1) / max(1, n - 1))] for i in range(n)]  # spread over classes
             note = f"{len(set(samples))} real val image(s) from {resolve_data(root)}"
@@ -224,8 +225,13 @@ def export_metadata(ckpt: dict, pre: Preprocessing, fmt: str, source: Path | Non
             "normalized": True,
             "recipe": (
                 ("decode to RGB, make it grey (R=G=B), " if pre.grayscale else "decode to RGB, ")
-                + f"resize the shorter side to {pre.resize_size} ({pre.interpolation}), "
-                f"centre-crop {pre.img_size}x{pre.img_size}, then (pixel / 255 - mean) / std per channel"
+                + (
+                    f"resize the whole image to {pre.img_size}x{pre.img_size} ({pre.interpolation}), "
+                    if pre.crop_mode == "squash"
+                    else f"resize the shorter side to {pre.resize_size} ({pre.interpolation}), "
+                    f"centre-crop {pre.img_size}x{pre.img_size}, "
+                )
+                + "then (pixel / 255 - mean) / std per channel"
             ),
         },
         "output": {

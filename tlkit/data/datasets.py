@@ -4,7 +4,9 @@ Accepted layouts for a dataset root `R` and a split `S` (train / val):
 - `R/S/<class>/*` (ILSVRC "val prepared", Tiny ImageNet here, GTSRB, chest_xray, any ImageFolder tree);
 - `R/S/*.JPEG` + `R/LOC_val_solution.csv` (the flat val folder of the ILSVRC/Kaggle release);
 - `R/ILSVRC/Data/CLS-LOC/S/...` (the Kaggle archive unpacked as is);
-- `R` itself a split folder (`R/<class>/*`), e.g. `tlkit evaluate --data path/to/val`.
+- `R` itself a split folder (`R/<class>/*`), e.g. `tlkit evaluate --data path/to/val`;
+- with `layout="clips"`: `R/S/<clip>/NNN.jpg` (+ `labels.csv` frame,label) video frames, classes normal /
+  abnormal (UCSD Ped2 layout; a clip without labels.csv is all normal).
 Display names come from `LOC_synset_mapping.txt`, `classes.txt` or `classes.csv` when present.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +39,8 @@ class Sample:
 
 
 SPLIT_NAMES = ("train", "val", "test")
+LAYOUTS = ("auto", "clips")
+CLIP_CLASSES = ["normal", "abnormal"]  # labels.csv 0 / 1
 
 
 def has_split(root: Path, split: str) -> bool:
@@ -124,6 +129,28 @@ def _flat_val_samples(split_dir: Path, root: Path, class_ids: list[str]) -> list
     return pairs
 
 
+def _clip_pairs(
+    split_dir: Path, only: Collection[str] | None, skip: Collection[str]
+) -> tuple[list[tuple[Path, str]], list[str]]:
+    """(frame, normal|abnormal) pairs of the clips in `split_dir`: those in `only` (all if None), minus `skip`."""
+    from tlkit.anomaly import load_clips  # the clip reader (labels.csv keyed by frame number) lives there
+
+    try:
+        clips = load_clips(split_dir)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    missing = sorted(set(only or ()) - {c.name for c in clips})
+    if missing:
+        raise DataError(f"no clip(s) {', '.join(missing)} in {split_dir}; clips: {', '.join(c.name for c in clips)}")
+    pairs = []
+    for clip in clips:
+        if (only is not None and clip.name not in only) or clip.name in skip:
+            continue
+        labels = clip.labels if clip.labels is not None else np.zeros(len(clip), dtype=np.int64)
+        pairs.extend((frame, CLIP_CLASSES[int(label > 0)]) for frame, label in zip(clip.frames, labels, strict=True))
+    return pairs, [c for c in CLIP_CLASSES if any(cid == c for _, cid in pairs)]
+
+
 def scan_split(
     root: Path,
     split: str,
@@ -133,15 +160,26 @@ def scan_split(
     max_per_class: int = 0,
     roi_crop: bool = False,
     ignore_unknown: bool = False,
+    layout: str = "auto",
+    clips: Collection[str] | None = None,
+    skip_clips: Collection[str] = (),
 ) -> tuple[list[Sample], list[str]]:
     """List (path, target) for a split. `classes` fixes the class order (e.g. the train split's or a
     checkpoint's); classes in the data that it does not know are an error, not silently dropped,
-    unless `ignore_unknown` (a run on the first `max_classes` classes)."""
+    unless `ignore_unknown` (a run on the first `max_classes` classes). With `layout="clips"`, frames
+    of the clips named in `clips` (default all) except `skip_clips`, as normal / abnormal."""
+    if layout not in LAYOUTS:
+        raise DataError(f"unknown data layout {layout!r}; use one of {', '.join(LAYOUTS)}")
     root = Path(root)
-    split_dir = find_split_dir(root, split)
-    class_dirs = _class_dirs(split_dir)
+    split_dir = find_split_dir(root, split) if layout == "auto" else _dataset_base(root) / split
+    if layout == "clips" and not split_dir.is_dir():
+        split_dir = root  # a folder of clips (or one clip) given directly, as `tlkit evaluate --data` allows
+    class_dirs = _class_dirs(split_dir) if layout == "auto" else []
     pairs: list[tuple[Path, str]] = []
-    if class_dirs:
+    if layout == "clips":
+        pairs, found = _clip_pairs(split_dir, clips, skip_clips)
+        classes = list(CLIP_CLASSES) if classes is None else classes
+    elif class_dirs:
         found = [d.name for d in class_dirs]
         # List files only in the folders that can be used: a smoke run on 5 classes of ImageNet
         # must not walk all 1000 folders first.

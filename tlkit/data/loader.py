@@ -71,27 +71,24 @@ class DataBundle:
 def build_datasets(recipe: Recipe, pre: Preprocessing, class_ids: list[str] | None = None) -> DataBundle:
     data = recipe.data
     root = resolve_data(data.name)
-    train_samples, ids = scan_split(
-        root,
-        data.train_split,
-        class_ids,
-        max_classes=data.max_classes,
+    common = dict(
         max_per_class=data.max_per_class,
         roi_crop=data.roi_crop,
+        layout=data.layout,
         # resuming a run on the first `max_classes` classes passes those classes back in
         ignore_unknown=data.max_classes > 0,
     )
+    train_samples, ids = scan_split(root, data.train_split, class_ids, max_classes=data.max_classes, **common)
+    has_val = bool(data.val_split) and has_split(root, data.val_split)
+    if has_val and data.layout == "clips" and data.val_clips:
+        # Labelled clips are scarce: the val split's other clips train, only `val_clips` validate.
+        extra, _ = scan_split(root, data.val_split, ids, skip_clips=data.val_clips, **common)
+        train_samples = train_samples + extra
     train = ImageDataset(train_samples, train_transform(data), seed=recipe.train.seed)
     val = None
-    if data.val_split and has_split(root, data.val_split):
-        val_samples, _ = scan_split(
-            root,
-            data.val_split,
-            ids,
-            max_per_class=data.max_per_class,
-            roi_crop=data.roi_crop,
-            ignore_unknown=data.max_classes > 0,
-        )
+    if has_val:
+        only = data.val_clips if data.layout == "clips" and data.val_clips else None
+        val_samples, _ = scan_split(root, data.val_split, ids, clips=only, **common)
         val = ImageDataset(val_samples, eval_transform(pre), seed=recipe.train.seed)
     return DataBundle(train, val, read_class_names(root, ids), ids, str(root))
 

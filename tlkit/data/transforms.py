@@ -29,6 +29,7 @@ class Preprocessing:
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     interpolation: str = "bilinear"
     grayscale: bool = False  # inputs are made grey (R=G=B) first, e.g. radiographs, whatever the file holds
+    crop_mode: str = "center"  # center: short side to resize_size, centre crop; squash: whole image to a square
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -37,7 +38,8 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
-        known = {k: d[k] for k in ("img_size", "crop_pct", "mean", "std", "interpolation", "grayscale") if k in d}
+        keys = ("img_size", "crop_pct", "mean", "std", "interpolation", "grayscale", "crop_mode")
+        known = {k: d[k] for k in keys if k in d}
         known["mean"] = tuple(known.get("mean", cls.mean))
         known["std"] = tuple(known.get("std", cls.std))
         return cls(**known)
@@ -69,6 +71,7 @@ def preprocessing_for(arch: str, data: DataConfig, init: str = "scratch") -> Pre
         std=tuple(std),
         interpolation=data.interpolation,
         grayscale=data.grayscale,
+        crop_mode=data.crop_mode,
     )
 
 
@@ -93,7 +96,11 @@ def train_transform(data: DataConfig, img_size: int | None = None) -> Callable:
     interp = _INTERPOLATIONS[data.interpolation]
     # Grey inputs replicated to 3 channels keep the RGB-pretrained stem usable as is.
     ops: list = [A.ToGray(num_output_channels=3, p=1.0)] if data.grayscale else []
-    ops += [A.RandomResizedCrop(size=(size, size), scale=(data.scale_min, 1.0), interpolation=interp)]
+    if data.crop_mode == "squash":
+        # Whole frame, aspect ratio given up: an event at the edge of a CCTV view must stay in the input.
+        ops += [A.Resize(size, size, interpolation=interp)]
+    else:
+        ops += [A.RandomResizedCrop(size=(size, size), scale=(data.scale_min, 1.0), interpolation=interp)]
     if data.hflip > 0:
         ops.append(A.HorizontalFlip(p=data.hflip))
     if data.rotate > 0:
@@ -140,10 +147,13 @@ def eval_transform(pre: Preprocessing) -> Callable:
 
     interp = _INTERPOLATIONS[pre.interpolation]
     ops = [A.ToGray(num_output_channels=3, p=1.0)] if pre.grayscale else []
-    ops += [
-        A.SmallestMaxSize(max_size=pre.resize_size, interpolation=interp),
-        A.CenterCrop(height=pre.img_size, width=pre.img_size, pad_if_needed=True),
-    ]
+    if pre.crop_mode == "squash":
+        ops += [A.Resize(pre.img_size, pre.img_size, interpolation=interp)]
+    else:
+        ops += [
+            A.SmallestMaxSize(max_size=pre.resize_size, interpolation=interp),
+            A.CenterCrop(height=pre.img_size, width=pre.img_size, pad_if_needed=True),
+        ]
     return _Seeded(A.Compose(ops, seed=0))
 
 
