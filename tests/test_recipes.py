@@ -185,3 +185,13 @@ def test_surveillance_supervised_frame_classifier_on_clips(tmp_path, data_dir):
     # evaluate reads the clip layout from the checkpoint: a folder holding one labelled clip works too
     summary = evaluate_checkpoint(run_dir / "best.pt", data_dir / "ucsd_ped2" / "val" / "Test001", out=tmp_path / "ev")
     assert summary["n"] == 180 and 0.0 <= summary["auroc"] <= 1.0
+    # predict and Grad-CAM see the whole 360x240 frame (squash), not a centre crop
+    from tlkit.explain import gradcam
+    from tlkit.predict import Predictor
+
+    predictor = Predictor.from_checkpoint(run_dir / "best.pt", device="cpu")
+    frame = data_dir / "ucsd_ped2" / "val" / "Test007" / "120.jpg"
+    (line,) = predictor.predict([frame])
+    assert {p["label"] for p in line["topk"]} == {"normal", "abnormal"}
+    heat, overlay = gradcam(predictor, frame)
+    assert overlay.shape[1] / overlay.shape[0] == pytest.approx(1.5, rel=0.02) and heat.shape == overlay.shape[:2]
