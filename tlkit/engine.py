@@ -340,6 +340,14 @@ def resolve_resume(resume: str | Path) -> tuple[Path, dict]:
     return ckpt_path, load_tlkit_checkpoint(ckpt_path)
 
 
+def make_criterion(recipe: Recipe, targets: np.ndarray, num_classes: int, device: torch.device) -> nn.Module:
+    """Cross-entropy with the recipe's label smoothing; inverse-frequency class weights for `weighted-ce`."""
+    weight = None
+    if recipe.optim.loss == "weighted-ce":
+        weight = torch.tensor(class_weights(targets, num_classes), dtype=torch.float32, device=device)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=recipe.optim.label_smoothing)
+
+
 def fit(recipe: Recipe, *, kind: str = "pretrain", resume: str | Path | None = None, quiet: bool = False) -> RunResult:
     """Train `recipe` end to end and return where the checkpoints are."""
     resumed = None
@@ -413,12 +421,7 @@ def fit(recipe: Recipe, *, kind: str = "pretrain", resume: str | Path | None = N
     steps_per_epoch = math.ceil(len(train_loader) / max(1, recipe.optim.accum_steps))
     scheduler = build_scheduler(optimizer, recipe.optim, epochs=recipe.train.epochs, steps_per_epoch=steps_per_epoch)
     ema = ModelEma(model, recipe.optim.ema_decay) if recipe.optim.ema_decay > 0 else None
-    weight = None
-    if recipe.optim.loss == "weighted-ce":
-        weight = torch.tensor(
-            class_weights(data.train.targets(), len(data.class_ids)), dtype=torch.float32, device=device
-        )
-    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=recipe.optim.label_smoothing)
+    criterion = make_criterion(recipe, data.train.targets(), len(data.class_ids), device)
     eval_criterion_ctx = StepContext(
         device,
         *norm_tensors(pre, device),

@@ -21,11 +21,12 @@ import torch
 from torch import nn
 
 from tlkit.config import FinetuneConfig, load_recipe
-from tlkit.data.loader import build_datasets, class_weights, make_loader
+from tlkit.data.loader import build_datasets, make_loader
 from tlkit.data.transforms import norm_tensors, preprocessing_for
 from tlkit.engine import (
     StepContext,
     autocast_for,
+    make_criterion,
     mix_batch,
     model_for_recipe,
     resolve_device,
@@ -91,12 +92,7 @@ def run_lr_find(
         seed=recipe.train.seed,
         pin_memory=device.type == "cuda",
     )
-    weight = None
-    if recipe.optim.loss == "weighted-ce":
-        weight = torch.tensor(
-            class_weights(data.train.targets(), len(data.class_ids)), dtype=torch.float32, device=device
-        )
-    criterion = nn.CrossEntropyLoss(weight=weight, label_smoothing=recipe.optim.label_smoothing)
+    criterion = make_criterion(recipe, data.train.targets(), len(data.class_ids), device)
     ctx = StepContext(
         device, *norm_tensors(pre, device), amp=recipe.train.amp, channels_last=recipe.model.channels_last
     )
