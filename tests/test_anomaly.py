@@ -175,6 +175,30 @@ def test_scorer_separates_cyclist_frames(fitted) -> None:
     assert scores[clip.labels == 1].mean() > scores[clip.labels == 0].mean()
 
 
+@needs_data
+def test_motion_stream_scores_frame_differences(tmp_path) -> None:
+    # Runs of consecutive training frames, so every frame but a run's first has a real predecessor.
+    from tlkit.surveillance import training_clips
+
+    runs = training_clips(load_clips(PED2 / "train"), max_frames=100)
+    assert len(runs) == 5 and all(len(r) == 20 for r in runs)
+    scorer = PatchCoreScorer(_resnet18(), PREPROCESS, motion_weight=1.0).fit(runs, seed=0)
+    assert scorer.motion_bank is not None and scorer.motion_bank.shape[1] == 1
+    assert scorer.scales[0] > 0 and scorer.scales[1] > 0
+    test001 = load_clips(PED2 / "val" / "Test001")[0]
+    scores = scorer.score(test001.frames)
+    auroc = frame_auroc(smooth_scores(scores, 5), test001.labels)
+    assert auroc is not None and auroc > TEST001_AUROC_MIN, f"Test001 AUROC with motion {auroc:.3f}"
+    # A frozen picture has no motion: repeating one frame scores no higher than the frame after a real step.
+    still = [test001.frames[100]] * 3
+    moving = [test001.frames[98], test001.frames[100]]
+    assert scorer.score(still)[-1] <= scorer.score(moving)[-1]
+    path = tmp_path / "motion.pt"
+    torch.save(scorer.state_dict(), path)
+    restored = PatchCoreScorer.from_state_dict(torch.load(path, weights_only=True), scorer.model)
+    np.testing.assert_array_equal(restored.score(test001.frames[:30]), scores[:30])
+
+
 def test_state_dict_round_trip_gives_identical_scores(fitted, tmp_path) -> None:
     scorer, scores, clip = fitted
     scorer.threshold = 2.5

@@ -5,7 +5,8 @@ Data flow, top to bottom:
 1. clip IO: `load_clips` (frame folders + `labels.csv`), `read_video_frames` / `iter_frames` (videos,
    folders, path lists) -> RGB uint8 arrays;
 2. `PatchCoreScorer`: mid-level patch features of an (ImageNet-pretrained) timm model -> memory bank of
-   normal patches (greedy k-center coreset) -> frame score = max over patches of the kNN distance;
+   normal patches (greedy k-center coreset) -> frame score = max over patches of the kNN distance; optionally
+   a second, motion stream (frame differences per patch against a bank of normal motion), fused per frame;
 3. post-processing: `smooth_scores`, `choose_alert_threshold`, `find_events`, `frame_auroc`;
 4. `evaluate_clips`: all of the above over labelled clips, as plain JSON-able results.
 
@@ -333,6 +334,30 @@ def greedy_coreset(features: torch.Tensor, n_select: int, proj_dim: int | None =
     return selected
 
 
+MOTION_BANK = 256  # rows of the motion bank: one value per patch, so a few hundred cover its range
+
+
+def _motion_grid(
+    resized: torch.Tensor, previous: torch.Tensor | None, grid: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean absolute grey-level change since the previous frame, per patch of the feature grid, with the
+    same 3x3 neighbourhood averaging as the features: (motion (N, h, w, 1), last grey frame for the next
+    batch). The first frame of a stream (no predecessor) has zero motion. Cyclists, skaters and carts move
+    faster than the people walking in the training clips; appearance alone misses them when they are small."""
+    grey = (resized * torch.tensor([0.299, 0.587, 0.114], device=resized.device).view(1, 3, 1, 1)).sum(1, True)
+    if previous is None or previous.shape[-2:] != grey.shape[-2:]:
+        previous = grey[:1]
+    before = torch.cat([previous, grey[:-1]])
+    motion = F.adaptive_avg_pool2d((grey - before).abs(), grid)
+    motion = F.avg_pool2d(motion, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+    return motion.permute(0, 2, 3, 1).contiguous(), grey[-1:]
+
+
+def _none_or_grid(rows: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    # Held-out motion rows of one frame as a (1, 1, P, 1) "grid": only maxima are taken from it.
+    return None if rows is None else rows.float().to(device)[None, None]
+
+
 class _Reservoir:
     """Uniform random sample of at most `capacity` rows from a stream of row batches (Algorithm R)."""
 
@@ -390,6 +415,7 @@ class PatchCoreScorer:
         proj_dim: int | None = None,
         k: int = 1,
         blur_sigma: float = 4.0,
+        motion_weight: float = 0.0,
         seed: int = 0,
         device: str | torch.device | None = None,
     ) -> None:
@@ -406,27 +432,38 @@ class PatchCoreScorer:
             "proj_dim": None if proj_dim is None else int(proj_dim),
             "k": int(k),
             "blur_sigma": float(blur_sigma),
+            "motion_weight": float(motion_weight),
             "seed": int(seed),
             "arch": _model_arch(model),
             "model_fingerprint": _model_fingerprint(model),
         }
         self.bank: torch.Tensor | None = None
+        self.motion_bank: torch.Tensor | None = None
         self.proj: torch.Tensor | None = None
+        # raw frame score = appearance / scales[0] + motion_weight * motion / scales[1]
+        self.scales: tuple[float, float] = (1.0, 1.0)
         self.stats: dict[str, float] = {"mean": 0.0, "std": 1.0}
         self.threshold: float | None = None
 
+    @property
+    def uses_motion(self) -> bool:
+        return self.config["motion_weight"] > 0
+
     # -- features ------------------------------------------------------------------------------------------
 
-    def _to_input(self, frames: list[np.ndarray]) -> torch.Tensor:
-        """RGB uint8 frames of one size -> normalised NCHW batch, short side `img_size`, long side a
-        multiple of 16 so the stride-8 and stride-16 grids line up exactly."""
+    def _resized(self, frames: list[np.ndarray]) -> torch.Tensor:
+        """RGB uint8 frames of one size -> NCHW in 0..1, short side `img_size`, long side a multiple of 16
+        so the stride-8 and stride-16 grids line up exactly."""
         x = torch.from_numpy(np.stack(frames)).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
         h, w = x.shape[-2:]
         size = self.config["img_size"]
         scale = size / min(h, w)
         out_h = max(16, round(h * scale / 16) * 16)
         out_w = max(16, round(w * scale / 16) * 16)
-        x = F.interpolate(x, size=(out_h, out_w), mode="bilinear", antialias=True, align_corners=False)
+        return F.interpolate(x, size=(out_h, out_w), mode="bilinear", antialias=True, align_corners=False)
+
+    def _to_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Resized 0..1 frames -> the backbone's normalised input."""
         if self.config["grayscale"]:
             # Same as the classification preprocessing of weights trained on grey inputs (R=G=B).
             gray = torch.tensor([0.299, 0.587, 0.114], device=self.device).view(1, 3, 1, 1)
@@ -438,8 +475,12 @@ class PatchCoreScorer:
     @torch.inference_mode()
     def embed(self, frames: list[np.ndarray]) -> torch.Tensor:
         """Patch features (N, h, w, D) for RGB uint8 frames of one size (D after the optional projection)."""
+        return self._embed_resized(self._resized(frames))
+
+    @torch.inference_mode()
+    def _embed_resized(self, resized: torch.Tensor) -> torch.Tensor:
         # Match the model's dtype so half-precision backbones on GPU work too.
-        x = self._to_input(frames).to(next(self.model.parameters()).dtype)
+        x = self._to_input(resized).to(next(self.model.parameters()).dtype)
         feats = self.model.forward_intermediates(
             x, indices=self.config["feature_layers"], intermediates_only=True, stop_early=True
         )
@@ -459,16 +500,35 @@ class PatchCoreScorer:
             emb = emb @ self.proj.to(emb.device)
         return emb.contiguous()
 
-    def _iter_embedded(self, frames: FrameSource, batch_size: int) -> Iterator[tuple[list[np.ndarray], torch.Tensor]]:
-        """(frames, patch features) per batch; batches are split where the frame size changes."""
+    def _iter_embedded(
+        self, frames: FrameSource | Sequence[Clip], batch_size: int
+    ) -> Iterator[tuple[list[np.ndarray], torch.Tensor, torch.Tensor | None]]:
+        """(frames, patch features (N, h, w, D), motion (N, h, w, 1) or None) per batch; batches are split
+        where the frame size changes. A list of `Clip`s is streamed clip by clip, so motion never spans
+        two clips."""
+        if isinstance(frames, (list, tuple)) and frames and all(isinstance(c, Clip) for c in frames):
+            for clip in frames:
+                yield from self._iter_embedded(clip, batch_size)
+            return
+        previous: torch.Tensor | None = None
+
+        def run(batch: list[np.ndarray]):
+            nonlocal previous
+            resized = self._resized(batch)
+            emb = self._embed_resized(resized)
+            motion = None
+            if self.uses_motion:
+                motion, previous = _motion_grid(resized, previous, tuple(emb.shape[1:3]))
+            return batch, emb, motion
+
         batch: list[np.ndarray] = []
         for frame in iter_frames(frames):
             if batch and (len(batch) >= batch_size or frame.shape != batch[0].shape):
-                yield batch, self.embed(batch)
+                yield run(batch)
                 batch = []
             batch.append(frame)
         if batch:
-            yield batch, self.embed(batch)
+            yield run(batch)
 
     # -- fitting -------------------------------------------------------------------------------------------
 
@@ -498,25 +558,44 @@ class PatchCoreScorer:
         """
         hold_out = calib_frames is None and calib_every > 1
         reservoir = _Reservoir(max_candidates, seed)
-        calib: list[torch.Tensor] = []
+        motion_reservoir = _Reservoir(max_candidates, seed + 1) if self.uses_motion else None
+        calib: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         n_frames = 0
-        for batch, emb in self._iter_embedded(frames, batch_size):
+        for batch, emb, motion in self._iter_embedded(frames, batch_size):
             for j in range(len(batch)):
                 rows = emb[j].reshape(-1, emb.shape[-1]).cpu()
+                mrows = None if motion is None else motion[j].reshape(-1, 1).cpu()
                 if hold_out and ((n_frames + j) // calib_block) % calib_every == calib_every // 2:
-                    calib.append(rows.half())  # only for score statistics: half precision is plenty
+                    calib.append((rows.half(), mrows))  # only for score statistics: half precision is plenty
                 else:
                     reservoir.add(rows)
+                    if motion_reservoir is not None:
+                        motion_reservoir.add(mrows)
             n_frames += len(batch)
         candidates = reservoir.rows()
         n_select = max(1, min(max_bank, math.ceil(coreset_ratio * candidates.shape[0])))
         keep = greedy_coreset(candidates.to(self.device), n_select, proj_dim=coreset_dim, seed=seed)
         self.bank = candidates[keep.cpu()].to(self.device)  # kept on the device: scoring reads it every batch
-        self.stats = {"mean": 0.0, "std": 1.0}
+        if motion_reservoir is not None:
+            # One number per patch: a small k-center set covers the whole normal range of motion.
+            moving = motion_reservoir.rows()
+            self.motion_bank = moving[greedy_coreset(moving, min(MOTION_BANK, len(moving)), None, seed)]
+        self.scales, self.stats = (1.0, 1.0), {"mean": 0.0, "std": 1.0}
         if calib_frames is not None:
-            raw = self.score(calib_frames, batch_size=batch_size, raw=True)
+            parts = [self._frame_parts(emb, motion) for _, emb, motion in self._iter_embedded(calib_frames, batch_size)]
+            appearance = torch.cat([a for a, _ in parts])
+            moving = torch.cat([m for _, m in parts]) if self.uses_motion else None
+        elif calib:
+            per_frame = [self._frame_parts(r.float().to(self.device)[None, None], _none_or_grid(m, self.device))
+                         for r, m in calib]  # fmt: skip
+            appearance = torch.cat([a for a, _ in per_frame])
+            moving = torch.cat([m for _, m in per_frame]) if self.uses_motion else None
         else:
-            raw = np.array([float(self._patch_scores(c.float().to(self.device)).max()) for c in calib])
+            appearance, moving = torch.zeros(0), None
+        if moving is not None and len(appearance) >= 2:
+            # Each stream in units of its own spread on normal frames, so neither dominates by scale.
+            self.scales = (float(max(appearance.std(), 1e-6)), float(max(moving.std(), 1e-6)))
+        raw = self._combine(appearance, moving).cpu().numpy().astype(np.float64)
         if raw.size >= 2:
             self.stats = {"mean": float(raw.mean()), "std": float(max(raw.std(ddof=1), 1e-6))}
         self.fit_info = {"n_frames": n_frames, "n_calib": int(raw.size), "n_candidates": len(candidates)}
@@ -524,11 +603,12 @@ class PatchCoreScorer:
 
     # -- scoring -------------------------------------------------------------------------------------------
 
-    def _patch_scores(self, patches: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    def _patch_scores(self, patches: torch.Tensor, chunk: int = 1024, bank: torch.Tensor | None = None) -> torch.Tensor:
         """Distance of each patch (P, D) to its nearest bank rows (mean over the `k` nearest)."""
-        if self.bank is None:
+        bank = self.bank if bank is None else bank
+        if bank is None:
             raise RuntimeError("PatchCoreScorer is not fitted: call fit() or from_state_dict() first")
-        bank = self.bank.to(patches.device)
+        bank = bank.to(patches.device)
         if patches.shape[1] != bank.shape[1]:
             raise ValueError(
                 f"feature size {patches.shape[1]} does not match the memory bank ({bank.shape[1]}): "
@@ -544,6 +624,31 @@ class PatchCoreScorer:
             out.append(nearest.mean(dim=1))
         return torch.cat(out)
 
+    def _patch_maps(self, emb: torch.Tensor, motion: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-patch kNN distances (N, h, w) of the appearance stream and, if used, the motion stream."""
+        n, h, w, d = emb.shape
+        appearance = self._patch_scores(emb.reshape(-1, d)).reshape(n, h, w)
+        if not self.uses_motion or motion is None:
+            return appearance, None
+        if self.motion_bank is None:
+            raise RuntimeError("this scorer uses motion but has no motion bank: fit it first")
+        moving = self._patch_scores(motion.reshape(-1, 1), bank=self.motion_bank).reshape(n, h, w)
+        return appearance, moving
+
+    def _frame_parts(self, emb: torch.Tensor, motion: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-frame maxima over patches of each stream: (appearance (N,), motion (N,) or zeros)."""
+        appearance, moving = self._patch_maps(emb, motion)
+        a = appearance.flatten(1).max(dim=1).values
+        return a, (moving.flatten(1).max(dim=1).values if moving is not None else torch.zeros_like(a))
+
+    def _combine(self, appearance: torch.Tensor, moving: torch.Tensor | None) -> torch.Tensor:
+        # Fused per frame, not per patch: an unusual look and unusual speed need not be the same patch
+        # (a cyclist's wheels move, his torso looks odd), and per-frame fusion measured better on Ped2 val.
+        out = appearance / self.scales[0]
+        if self.uses_motion and moving is not None:
+            out = out + self.config["motion_weight"] * moving / self.scales[1]
+        return out
+
     def _standardise(self, x: np.ndarray | float) -> np.ndarray | float:
         return (x - self.stats["mean"]) / self.stats["std"]
 
@@ -557,16 +662,19 @@ class PatchCoreScorer:
         costs nothing extra: a live demo keeps the peak frame's grid and upsamples only that one with
         `upsample_map`, instead of upsampling every frame or scoring the peak frame a second time.
         """
-        for batch, emb in self._iter_embedded(frames, batch_size):
-            n, h, w, d = emb.shape
-            dist = self._patch_scores(emb.reshape(-1, d)).reshape(n, h, w)
-            scores = dist.flatten(1).max(dim=1).values.cpu().numpy().astype(np.float64)
+        for batch, emb, motion in self._iter_embedded(frames, batch_size):
+            appearance, moving = self._patch_maps(emb, motion)
+            a = appearance.flatten(1).max(dim=1).values
+            mv = moving.flatten(1).max(dim=1).values if moving is not None else None
+            scores = self._combine(a, mv).cpu().numpy().astype(np.float64)
+            # Heat map: both streams in the same units as the frame score, added per patch (for display).
+            dist = self._combine(appearance, moving)
             if maps:
                 heat = self._heatmaps(dist, batch[0].shape[:2])
             elif grids:
                 heat = list(dist.cpu().numpy().astype(np.float32))
             else:
-                heat = [None] * n
+                heat = [None] * len(batch)
             for s, m in zip(scores, heat, strict=True):
                 if not raw:
                     s = self._standardise(s)
@@ -619,6 +727,8 @@ class PatchCoreScorer:
             "version": 1,
             "config": dict(self.config),
             "bank": self.bank.detach().cpu().clone(),
+            "motion_bank": None if self.motion_bank is None else self.motion_bank.detach().cpu().clone(),
+            "scales": [float(v) for v in self.scales],
             "proj": None if self.proj is None else self.proj.detach().cpu().clone(),
             "stats": dict(self.stats),
             "threshold": None if self.threshold is None else float(self.threshold),
@@ -637,6 +747,7 @@ class PatchCoreScorer:
             proj_dim=cfg["proj_dim"],
             k=cfg["k"],
             blur_sigma=cfg["blur_sigma"],
+            motion_weight=cfg.get("motion_weight", 0.0),
             seed=cfg["seed"],
             device=device,
         )
@@ -647,6 +758,9 @@ class PatchCoreScorer:
             warnings.warn("model weights differ from those used to fit this anomaly state", stacklevel=2)
         scorer.bank = state["bank"].float().to(scorer.device)
         scorer.proj = None if state.get("proj") is None else state["proj"].float()
+        motion_bank = state.get("motion_bank")
+        scorer.motion_bank = None if motion_bank is None else motion_bank.float().to(scorer.device)
+        scorer.scales = tuple(float(v) for v in state.get("scales", (1.0, 1.0)))
         scorer.stats = {k: float(v) for k, v in state["stats"].items()}
         scorer.threshold = None if state.get("threshold") is None else float(state["threshold"])
         return scorer

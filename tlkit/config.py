@@ -113,8 +113,11 @@ class AnomalyConfig:
     k: int = 1
     smooth_window: int = 9
     threshold_method: str = "youden"
-    max_train_frames: int = 0  # 0 = all
+    max_train_frames: int = 0  # 0 = all; else that many, in runs of 20 consecutive frames spread over the clips
     fps: float = 10.0
+    # Motion stream (frame differences per patch vs normal motion), added to the appearance score per frame in
+    # units of each stream's spread on normal frames; 0 = appearance only (plain PatchCore).
+    motion_weight: float = 1.0
 
 
 @dataclass(frozen=True)

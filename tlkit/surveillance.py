@@ -33,13 +33,22 @@ def backbone(arch: str, init: str = "scratch") -> tuple[nn.Module, dict]:
     return build_model(arch, 0, init=init)
 
 
-def training_frames(clips: list[Clip], max_frames: int) -> list[Path]:
-    """Every frame, or `max_frames` spread evenly over all clips (bank diversity beats contiguity)."""
-    frames = [f for clip in clips for f in (clip.frames or [])]
-    if max_frames and len(frames) > max_frames:
-        idx = np.linspace(0, len(frames) - 1, max_frames).round().astype(int)
-        frames = [frames[i] for i in idx]
-    return frames
+def training_clips(clips: list[Clip], max_frames: int, run: int = 20) -> list[Clip]:
+    """Every clip, or about `max_frames` frames as runs of `run` consecutive frames spread evenly over all
+    clips: spread for a diverse bank, consecutive so each frame's motion is measured against its predecessor."""
+    total = sum(len(c) for c in clips)
+    if not max_frames or total <= max_frames:
+        return list(clips)
+    n_runs = max(1, max_frames // run)
+    starts = np.linspace(0, total - run, n_runs).round().astype(int)
+    offsets = np.cumsum([0] + [len(c) for c in clips])
+    out = []
+    for start in starts:
+        i = int(np.searchsorted(offsets, start, side="right")) - 1  # the clip this run starts in
+        begin = int(start - offsets[i])
+        frames = clips[i].frames[begin : begin + run]  # a run cut short by the clip's end stays short
+        out.append(Clip(name=f"{clips[i].name}@{begin}", frames=frames, fps=clips[i].fps))
+    return out
 
 
 def _clips(root: Path, split: str) -> list[Clip]:
@@ -59,12 +68,19 @@ def fit_anomaly(recipe: Recipe, *, quiet: bool = False) -> Path:
     model.to(device).eval()
     pre = preprocessing_for(recipe.model.arch, recipe.data, init=recipe.model.init)
     scorer = PatchCoreScorer(
-        model, pre.to_dict(), feature_layers=list(cfg.layers) or None, k=cfg.k, seed=recipe.train.seed, device=device
+        model,
+        pre.to_dict(),
+        feature_layers=list(cfg.layers) or None,
+        k=cfg.k,
+        motion_weight=cfg.motion_weight,
+        seed=recipe.train.seed,
+        device=device,
     )
-    frames = training_frames(train_clips, cfg.max_train_frames)
-    console.print(f"fitting the normal-patch memory bank on {len(frames)} frames from {len(train_clips)} clips")
+    runs = training_clips(train_clips, cfg.max_train_frames)
+    n_frames = sum(len(r) for r in runs)
+    console.print(f"fitting the normal-patch memory bank on {n_frames} frames from {len(train_clips)} clips")
     scorer.fit(
-        frames,
+        runs,
         batch_size=recipe.train.batch_size,
         coreset_ratio=cfg.coreset_ratio,
         max_bank=cfg.max_bank,
@@ -170,7 +186,12 @@ def write_anomaly_report(out: Path, results: dict, ckpt: dict, *, data: str, spl
     (out / "clips.json").write_text(json.dumps(results, indent=1))
     context = {
         "recipe": ckpt["recipe"].get("name"),
-        "task": "anomaly (one-class, PatchCore memory bank)",
+        "task": "anomaly (one-class, PatchCore memory bank"
+        + (
+            f" + motion stream, weight {motion:g})"
+            if (motion := ckpt["anomaly"]["config"].get("motion_weight"))
+            else ")"
+        ),
         "arch": ckpt["arch"],
         "init": ckpt.get("init"),
         "strategy": "frozen backbone features + kNN",

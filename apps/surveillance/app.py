@@ -29,7 +29,8 @@ from tlkit.demo import Lazy, app_main, checkpoint_meta, describe_error, lazy_che
 RECIPE = "surveillance"
 CONCURRENCY = 1  # scoring is CPU-heavy: one video at a time, others wait in the queue
 MAX_FRAMES = 3000  # 5 minutes at 10 fps; longer uploads are cut here (the status says so)
-UPDATE_EVERY = 10  # frames between UI updates while streaming
+UPDATE_EVERY = 8  # frames between snapshots of the analysis (one scoring batch)
+UPDATE_SECONDS = 1.0  # at most one UI update per second: drawing the plot costs as much as scoring ~5 frames
 BATCH = 8
 ALERT_COLUMNS = ["start (s)", "end (s)", "duration (s)", "peak score", "peak at (s)", "frames"]
 
@@ -279,22 +280,26 @@ def build_demo(checkpoint: str | Path | None = None, *, preload: bool = True) ->
         monitor = service.get_for_request()
         fps = fps or monitor.fps
         expected = total / fps if total else None
-        peak_index, peak_img, peak_overlay = None, None, None
+        peak_index, last_update = None, -float("inf")
         try:
             for snap in analyze_stream(monitor, frames, fps):
+                if not snap["done"] and time.perf_counter() - last_update < UPDATE_SECONDS:
+                    continue
+                last_update = time.perf_counter()
                 peak = snap["peak"]
-                if peak is not None and peak["index"] != peak_index:
-                    peak_index, peak_img = peak["index"], peak["frame"]
-                    peak_overlay = peak_heatmap(monitor, peak["frame"], peak["grid"])
-                caption = (
-                    f"Most abnormal frame: t = {peak['t']:.1f} s, score {peak['score']:.2f}" if peak else "Peak frame"
-                )
+                # Unchanged images are not sent again while streaming; the final update carries everything.
+                peak_frame, peak_map = gr.skip(), gr.skip()
+                if peak is not None and (peak["index"] != peak_index or snap["done"]):
+                    if peak["index"] != peak_index:
+                        peak_index, overlay = peak["index"], peak_heatmap(monitor, peak["frame"], peak["grid"])
+                    caption = f"Most abnormal frame: t = {peak['t']:.1f} s, score {peak['score']:.2f}"
+                    peak_frame, peak_map = gr.Image(value=peak["frame"], label=caption), overlay
                 yield (
                     status_line(snap, total),
                     score_figure(snap, monitor.threshold, expected),
                     {"headers": ALERT_COLUMNS, "data": alert_rows(snap["events"], fps)},
-                    gr.Image(value=peak_img, label=caption),
-                    peak_overlay,
+                    peak_frame,
+                    peak_map,
                 )
         except ValueError as e:  # a frame that does not decode, an empty stream
             raise gr.Error(describe_error(e), title="Cannot read the input") from None
@@ -333,7 +338,7 @@ def build_demo(checkpoint: str | Path | None = None, *, preload: bool = True) ->
             cam = gr.Image(sources=["webcam"], streaming=True, type="numpy", label="Webcam", height=260)
             cam_plot = gr.Plot(label="Live score")
             cam_status = gr.Textbox(label="Live status", interactive=False)
-            history = gr.State([])
+            history = gr.State(None)  # (scores so far, previous frame)
         if meta:
             val = meta.get("val_metrics") or {}
             auroc = val.get("frame_auroc")
@@ -351,14 +356,17 @@ def build_demo(checkpoint: str | Path | None = None, *, preload: bool = True) ->
             api_name="analyze",
         )
 
-        def on_webcam(frame, scores):
+        def on_webcam(frame, history):
+            scores, previous = history or ([], None)
             if frame is None:
-                return gr.skip(), gr.skip(), scores
+                return gr.skip(), gr.skip(), history
             monitor = service.get_for_request()
             from tlkit.anomaly import smooth_scores
 
             frame = _grey(frame) if monitor.grayscale else frame
-            scores = (list(scores) + [float(monitor.scorer.score([frame])[0])])[-300:]
+            # The previous frame is scored with it, so the motion stream sees a real frame difference.
+            pair = [previous, frame] if previous is not None and previous.shape == frame.shape else [frame]
+            scores = (list(scores) + [float(monitor.scorer.score(pair)[-1])])[-300:]
             smoothed = smooth_scores(scores, monitor.smooth_window, causal=True)
             snap = {
                 "n": len(scores), "fps": 2.0, "window": monitor.smooth_window, "scores": np.asarray(scores),
@@ -367,7 +375,7 @@ def build_demo(checkpoint: str | Path | None = None, *, preload: bool = True) ->
             }  # fmt: skip
             alarm = monitor.threshold is not None and smoothed[-1] >= monitor.threshold
             text = f"score {scores[-1]:.2f}, smoothed {smoothed[-1]:.2f}" + (" - ALERT" if alarm else "")
-            return score_figure(snap, monitor.threshold), text, scores
+            return score_figure(snap, monitor.threshold), text, (scores, frame)
 
         cam.stream(
             on_webcam,
