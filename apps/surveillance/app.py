@@ -307,8 +307,9 @@ def build_demo(checkpoint: str | Path | None = None, *, preload: bool = True) ->
     with gr.Blocks(title="tlkit: CCTV anomaly detection") as demo:
         gr.Markdown(
             "# Abnormal events in CCTV video\nA one-class model learned what normal pedestrian traffic looks like "
-            "(UCSD Ped2 training clips). Upload a clip: frames are scored as they stream in; the score is the "
-            "distance of the frame's most unusual patch to everything seen in normal footage."
+            "(UCSD Ped2 training clips). Upload a clip: frames are scored as they stream in; the score adds how "
+            "far the frame's most unusual patch is from everything seen in normal footage and how much faster "
+            "than normal something moves, each in units of its spread on normal frames."
         )
         with gr.Row():
             with gr.Column(scale=2):
