@@ -342,11 +342,13 @@ def _motion_grid(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean absolute grey-level change since the previous frame, per patch of the feature grid, with the
     same 3x3 neighbourhood averaging as the features: (motion (N, h, w, 1), last grey frame for the next
-    batch). The first frame of a stream (no predecessor) has zero motion. Cyclists, skaters and carts move
-    faster than the people walking in the training clips; appearance alone misses them when they are small."""
+    batch). The first frame of a stream is compared with the second (the change between them is the same),
+    so a stream does not start with an artificial "nothing moves" frame; a lone frame has zero motion.
+    Cyclists, skaters and carts move faster than the people walking in the training clips; appearance alone
+    misses them when they are small."""
     grey = (resized * torch.tensor([0.299, 0.587, 0.114], device=resized.device).view(1, 3, 1, 1)).sum(1, True)
     if previous is None or previous.shape[-2:] != grey.shape[-2:]:
-        previous = grey[:1]
+        previous = grey[1:2] if len(grey) > 1 else grey[:1]
     before = torch.cat([previous, grey[:-1]])
     motion = F.adaptive_avg_pool2d((grey - before).abs(), grid)
     motion = F.avg_pool2d(motion, kernel_size=3, stride=1, padding=1, count_include_pad=False)
