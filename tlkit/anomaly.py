@@ -334,6 +334,7 @@ def greedy_coreset(features: torch.Tensor, n_select: int, proj_dim: int | None =
     return selected
 
 
+LUMA = (0.299, 0.587, 0.114)  # grey = weighted RGB, as PIL's "L" and the classification preprocessing
 MOTION_BANK = 256  # rows of the motion bank: one value per patch, so a few hundred cover its range
 
 
@@ -346,18 +347,13 @@ def _motion_grid(
     so a stream does not start with an artificial "nothing moves" frame; a lone frame has zero motion.
     Cyclists, skaters and carts move faster than the people walking in the training clips; appearance alone
     misses them when they are small."""
-    grey = (resized * torch.tensor([0.299, 0.587, 0.114], device=resized.device).view(1, 3, 1, 1)).sum(1, True)
+    grey = (resized * torch.tensor(LUMA, device=resized.device).view(1, 3, 1, 1)).sum(1, True)
     if previous is None or previous.shape[-2:] != grey.shape[-2:]:
         previous = grey[1:2] if len(grey) > 1 else grey[:1]
     before = torch.cat([previous, grey[:-1]])
     motion = F.adaptive_avg_pool2d((grey - before).abs(), grid)
     motion = F.avg_pool2d(motion, kernel_size=3, stride=1, padding=1, count_include_pad=False)
     return motion.permute(0, 2, 3, 1).contiguous(), grey[-1:]
-
-
-def _none_or_grid(rows: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    # Held-out motion rows of one frame as a (1, 1, P, 1) "grid": only maxima are taken from it.
-    return None if rows is None else rows.float().to(device)[None, None]
 
 
 class _Reservoir:
@@ -468,7 +464,7 @@ class PatchCoreScorer:
         """Resized 0..1 frames -> the backbone's normalised input."""
         if self.config["grayscale"]:
             # Same as the classification preprocessing of weights trained on grey inputs (R=G=B).
-            gray = torch.tensor([0.299, 0.587, 0.114], device=self.device).view(1, 3, 1, 1)
+            gray = torch.tensor(LUMA, device=self.device).view(1, 3, 1, 1)
             x = (x * gray).sum(dim=1, keepdim=True).expand(-1, 3, -1, -1)
         mean = torch.tensor(self.config["mean"], device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(self.config["std"], device=self.device).view(1, 3, 1, 1)
@@ -584,16 +580,16 @@ class PatchCoreScorer:
             self.motion_bank = moving[greedy_coreset(moving, min(MOTION_BANK, len(moving)), None, seed)]
         self.scales, self.stats = (1.0, 1.0), {"mean": 0.0, "std": 1.0}
         if calib_frames is not None:
-            parts = [self._frame_parts(emb, motion) for _, emb, motion in self._iter_embedded(calib_frames, batch_size)]
-            appearance = torch.cat([a for a, _ in parts])
-            moving = torch.cat([m for _, m in parts]) if self.uses_motion else None
-        elif calib:
-            per_frame = [self._frame_parts(r.float().to(self.device)[None, None], _none_or_grid(m, self.device))
-                         for r, m in calib]  # fmt: skip
-            appearance = torch.cat([a for a, _ in per_frame])
-            moving = torch.cat([m for _, m in per_frame]) if self.uses_motion else None
+            held_out = ((emb, motion) for _, emb, motion in self._iter_embedded(calib_frames, batch_size))
         else:
-            appearance, moving = torch.zeros(0), None
+            # One held-out frame's rows as a (1, 1, P, D) "grid": only maxima over patches are taken from it.
+            held_out = (
+                (r.float().to(self.device)[None, None], None if m is None else m.float().to(self.device)[None, None])
+                for r, m in calib
+            )
+        parts = [self._frame_parts(*self._patch_maps(emb, motion)) for emb, motion in held_out]
+        appearance = torch.cat([a for a, _ in parts]) if parts else torch.zeros(0)
+        moving = torch.cat([m for _, m in parts]) if parts and self.uses_motion else None
         if moving is not None and len(appearance) >= 2:
             # Each stream in units of its own spread on normal frames, so neither dominates by scale.
             self.scales = (float(max(appearance.std(), 1e-6)), float(max(moving.std(), 1e-6)))
@@ -637,11 +633,11 @@ class PatchCoreScorer:
         moving = self._patch_scores(motion.reshape(-1, 1), bank=self.motion_bank).reshape(n, h, w)
         return appearance, moving
 
-    def _frame_parts(self, emb: torch.Tensor, motion: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-frame maxima over patches of each stream: (appearance (N,), motion (N,) or zeros)."""
-        appearance, moving = self._patch_maps(emb, motion)
+    @staticmethod
+    def _frame_parts(appearance: torch.Tensor, moving: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-frame maxima over the patch maps of each stream: (appearance (N,), motion (N,) or None)."""
         a = appearance.flatten(1).max(dim=1).values
-        return a, (moving.flatten(1).max(dim=1).values if moving is not None else torch.zeros_like(a))
+        return a, (moving.flatten(1).max(dim=1).values if moving is not None else None)
 
     def _combine(self, appearance: torch.Tensor, moving: torch.Tensor | None) -> torch.Tensor:
         # Fused per frame, not per patch: an unusual look and unusual speed need not be the same patch
@@ -666,17 +662,12 @@ class PatchCoreScorer:
         """
         for batch, emb, motion in self._iter_embedded(frames, batch_size):
             appearance, moving = self._patch_maps(emb, motion)
-            a = appearance.flatten(1).max(dim=1).values
-            mv = moving.flatten(1).max(dim=1).values if moving is not None else None
-            scores = self._combine(a, mv).cpu().numpy().astype(np.float64)
-            # Heat map: both streams in the same units as the frame score, added per patch (for display).
-            dist = self._combine(appearance, moving)
-            if maps:
-                heat = self._heatmaps(dist, batch[0].shape[:2])
-            elif grids:
-                heat = list(dist.cpu().numpy().astype(np.float32))
-            else:
-                heat = [None] * len(batch)
+            scores = self._combine(*self._frame_parts(appearance, moving)).cpu().numpy().astype(np.float64)
+            heat: list[np.ndarray | None] = [None] * len(batch)
+            if maps or grids:
+                # Heat map: both streams in the same units as the frame score, added per patch (for display).
+                dist = self._combine(appearance, moving)
+                heat = self._heatmaps(dist, batch[0].shape[:2]) if maps else list(dist.cpu().numpy().astype(np.float32))
             for s, m in zip(scores, heat, strict=True):
                 if not raw:
                     s = self._standardise(s)

@@ -450,14 +450,14 @@ def fit(recipe: Recipe, *, kind: str = "pretrain", resume: str | Path | None = N
 
     def wrap() -> nn.Module:
         # DDP reduces exactly the parameters that require grad when it is built, so it is (re)built after
-        # the strategy sets them: at the first epoch, and when freeze-unfreeze unfreezes the body.
+        # the strategy sets them: at the run's first epoch, and when freeze-unfreeze unfreezes the body.
         if not info.enabled:
             return compiled
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         return DDP(compiled, device_ids=[device.index] if device.type == "cuda" else None)
 
-    train_model = wrap() if strategy is None else compiled
+    train_model = compiled  # wrapped at the first epoch of this run, below
 
     meta = {
         "format": "tlkit",
@@ -502,9 +502,8 @@ def fit(recipe: Recipe, *, kind: str = "pretrain", resume: str | Path | None = N
     with progress:
         for epoch in range(start_epoch, recipe.train.epochs + 1):
             t_epoch = time.perf_counter()
-            if strategy is not None and (
-                strategy.on_epoch_start(epoch, console=console if info.is_main else None) or epoch == start_epoch
-            ):
+            changed = strategy is not None and strategy.on_epoch_start(epoch, console=console if info.is_main else None)
+            if changed or epoch == start_epoch:
                 train_model = wrap()
             data.train.set_epoch(epoch)
             train_loader.sampler.set_epoch(epoch)

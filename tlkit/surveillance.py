@@ -184,14 +184,11 @@ def write_anomaly_report(out: Path, results: dict, ckpt: dict, *, data: str, spl
             ],
         )
     (out / "clips.json").write_text(json.dumps(results, indent=1))
+    weight = ckpt["anomaly"]["config"].get("motion_weight")
+    motion = f" + motion stream, weight {weight:g}" if weight else ""
     context = {
         "recipe": ckpt["recipe"].get("name"),
-        "task": "anomaly (one-class, PatchCore memory bank"
-        + (
-            f" + motion stream, weight {motion:g})"
-            if (motion := ckpt["anomaly"]["config"].get("motion_weight"))
-            else ")"
-        ),
+        "task": f"anomaly (one-class, PatchCore memory bank{motion})",
         "arch": ckpt["arch"],
         "init": ckpt.get("init"),
         "strategy": "frozen backbone features + kNN",

@@ -29,7 +29,6 @@ from tlkit.demo import Lazy, app_main, checkpoint_meta, describe_error, lazy_che
 RECIPE = "surveillance"
 CONCURRENCY = 1  # scoring is CPU-heavy: one video at a time, others wait in the queue
 MAX_FRAMES = 3000  # 5 minutes at 10 fps; longer uploads are cut here (the status says so)
-UPDATE_EVERY = 8  # frames between snapshots of the analysis (one scoring batch)
 UPDATE_SECONDS = 1.0  # at most one UI update per second: drawing the plot costs as much as scoring ~5 frames
 BATCH = 8
 ALERT_COLUMNS = ["start (s)", "end (s)", "duration (s)", "peak score", "peak at (s)", "frames"]
@@ -79,12 +78,13 @@ def _grey(frame: np.ndarray) -> np.ndarray:
 
 
 def analyze_stream(
-    monitor: Monitor, frames: Iterable[np.ndarray], fps: float, *, update_every: int = UPDATE_EVERY
+    monitor: Monitor, frames: Iterable[np.ndarray], fps: float, *, update_seconds: float = UPDATE_SECONDS
 ) -> Iterator[dict]:
-    """Score frames as they arrive; every `update_every` frames (and at the end) yield a snapshot:
+    """Score frames as they arrive; after the first batch, then at most every `update_seconds` (and at the end)
+    yield a snapshot:
     `{"n", "fps", "window", "scores", "smoothed", "events", "peak": {"index", "t", "score", "frame"}, "speed",
     "done", "truncated"}`. Events use the checkpoint's smoothing window and threshold; times are seconds from
-    the first frame."""
+    the first frame. Snapshots are built only when due: smoothing and events cover every score so far."""
     from tlkit.anomaly import find_events, smooth_scores
 
     pending: deque[np.ndarray] = deque()
@@ -103,6 +103,7 @@ def analyze_stream(
     scores: list[float] = []
     peak: dict | None = None
     t0 = time.perf_counter()
+    last_snapshot = -float("inf")
 
     def snapshot(done: bool) -> dict:
         smoothed = smooth_scores(scores, monitor.smooth_window) if scores else np.zeros(0)
@@ -133,20 +134,20 @@ def analyze_stream(
                 "index": len(scores) - 1, "t": (len(scores) - 1) / fps, "score": float(score), "frame": frame,
                 "grid": grid,
             }  # fmt: skip
-        if len(scores) % update_every == 0:
+        if len(scores) % BATCH == 0 and time.perf_counter() - last_snapshot >= update_seconds:
+            last_snapshot = time.perf_counter()
             yield snapshot(False)
     if not scores:
         raise ValueError("no frames could be read")
     yield snapshot(True)
 
 
-def peak_heatmap(monitor: Monitor, frame: np.ndarray, grid: np.ndarray | None = None) -> np.ndarray:
-    """RGB overlay of the patch-distance heat map on the frame (red = far from every normal patch);
-    `grid` is the frame's patch grid from streaming (else the frame is scored again)."""
+def peak_heatmap(monitor: Monitor, frame: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """RGB overlay of the heat map on the frame (red = far from every normal patch, or unusual motion), made
+    from the frame's patch `grid` kept while streaming."""
     import cv2
 
-    scorer = monitor.scorer
-    m = scorer.score_maps([frame])[1][0] if grid is None else scorer.upsample_map(grid, frame.shape[:2])
+    m = monitor.scorer.upsample_map(grid, frame.shape[:2])
     lo = min(float(np.percentile(m, 5)), 0.0)
     hi = max(float(m.max()), (monitor.threshold or 0.0) + 1e-6, lo + 1e-6)
     norm = np.clip((m - lo) / (hi - lo), 0, 1)
@@ -280,12 +281,9 @@ def build_demo(checkpoint: str | Path | None = None, *, preload: bool = True) ->
         monitor = service.get_for_request()
         fps = fps or monitor.fps
         expected = total / fps if total else None
-        peak_index, last_update = None, -float("inf")
+        peak_index = None
         try:
             for snap in analyze_stream(monitor, frames, fps):
-                if not snap["done"] and time.perf_counter() - last_update < UPDATE_SECONDS:
-                    continue
-                last_update = time.perf_counter()
                 peak = snap["peak"]
                 # Unchanged images are not sent again while streaming; the final update carries everything.
                 peak_frame, peak_map = gr.skip(), gr.skip()
