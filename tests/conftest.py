@@ -62,6 +62,38 @@ def subprocess_env(runs: Path) -> dict[str, str]:
 PYTHON = sys.executable
 
 
+# ---- CI: a skipped data or browser test is a failure, not a quiet pass ---------------------------------------
+
+# Skips whose reason starts with this are expected off-GPU (the CUDA tests); every other skip means missing
+# data, a missing browser or a missing tool, which in CI (CI=true) must fail the run instead of going green.
+GPU_SKIP_PREFIX = "needs a CUDA GPU"
+_skips: list[str] = []
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        if not reason.startswith(GPU_SKIP_PREFIX):
+            _skips.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if in_ci() and _skips and exitstatus == 0:
+        session.exitstatus = 1
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if in_ci() and _skips:
+        terminalreporter.write_sep("=", f"CI: {len(_skips)} test(s) skipped for missing data/tools", red=True)
+        for line in _skips:
+            terminalreporter.write_line(line)
+
+
 @pytest.fixture(scope="session")
 def cli_sets():
     """`cli_sets(["a=1"])` -> `["--set", "a=1"]`."""
@@ -88,6 +120,15 @@ def data_dir() -> Path:
     if not root.is_dir():
         pytest.skip(f"sample data not found at {root} (set TLKIT_DATA to the shared data folder)")
     return root
+
+
+@pytest.fixture(scope="session")
+def imagenet_weights(data_dir: Path) -> Path:
+    """Real ImageNet-1k weights (EfficientNet-Lite0, timm key names): the stand-in for published weights."""
+    path = data_dir.parent / "weights" / "tf_efficientnet_lite0_in1k.pth"
+    if not path.is_file():
+        pytest.skip(f"ImageNet weights not found at {path}")
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -47,8 +47,9 @@ def medical_run(tmp_path_factory, data_dir):
 
 def test_medical_finetune_beats_chance_and_stores_calibration(medical_run):
     metrics = json.loads((medical_run / "report" / "metrics.json").read_text())
-    # Threshold-free ranking quality: a trivial (constant) classifier has AUROC 0.5.
-    assert metrics["auroc"] > 0.75, metrics["auroc"]
+    # Threshold-free ranking quality (a constant classifier has 0.5): measured 0.892 with seed 0 on one thread
+    # (2-core CPU); 0.83 leaves room for other CPUs' float rounding, and fails if training does nothing.
+    assert metrics["auroc"] > 0.83, metrics["auroc"]
     for key in ("sensitivity", "specificity", "ppv", "npv", "pr_auc", "confusion_matrix", "ece"):
         assert key in metrics
     ckpt = torch.load(medical_run / "best.pt", weights_only=True)
@@ -79,22 +80,24 @@ def test_evaluate_rejects_data_with_other_classes(medical_run, data_dir):
     assert len(result.output.strip().splitlines()) == 1
 
 
-def test_traffic_signs_finetune_beats_chance(tmp_path, data_dir):
-    """All 43 classes, a few images each: the first classes are 8 near-identical speed limits, so a
-    subset of the first classes would test the hardest part of the task instead of the recipe."""
+def test_traffic_signs_finetune_from_imagenet_weights(tmp_path, data_dir, imagenet_weights):
+    """The path most users take: published ImageNet weights (a 1000-class head, dropped for 43), all 43 classes
+    with a few images each. All classes, not the first few: the first are 8 near-identical speed limits."""
     over = {
-        "model": {"init": "scratch"},
-        "data": {"max_per_class": 24, "img_size": 32, "num_workers": 0},
-        "train": {"epochs": 4, "batch_size": 32, "out": str(tmp_path / "signs")},
-        "optim": {"lr": 0.4},
-        "finetune": {"head_lr_mult": 1.0, "layer_decay": 1.0},  # from scratch: no pretrained body to protect
+        "model": {"init": str(imagenet_weights), "arch": "tf_efficientnet_lite0"},
+        "data": {"max_per_class": 16, "img_size": 48, "num_workers": 0},
+        "train": {"epochs": 2, "batch_size": 32, "out": str(tmp_path / "signs")},
     }
     run_dir = run_training("traffic-signs", over, kind="finetune", quiet=True)
     metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
-    assert metrics["top1"] > 3 / 43, metrics["top1"]  # chance is 2.3 %
+    # Measured 0.292 top-1 on val (595 images; chance 0.023; the same budget from scratch with resnet18 gave
+    # 0.064). 0.22 leaves room for float rounding on other CPUs, and fails if the ImageNet body is not loaded.
+    assert metrics["top1"] > 0.22, metrics["top1"]
     ckpt = torch.load(run_dir / "best.pt", weights_only=True)
     assert ckpt["classes"][:2] == ["Speed limit (20km/h)", "Speed limit (30km/h)"]  # names from classes.csv
     assert ckpt["recipe"]["data"]["roi_crop"] is True
+    # preprocessing travels with the weights: this init was trained with mean = std = 0.5
+    assert ckpt["preprocessing"]["mean"] == pytest.approx([0.5, 0.5, 0.5])
     per_class = (run_dir / "report" / "per_class.csv").read_text()
     assert "Speed limit (30km/h)" in per_class
 
@@ -124,14 +127,19 @@ def test_surveillance_scorer_fits_and_evaluates_clip_folders(tmp_path, data_dir)
     )
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert metrics["frame_auroc"] is not None and 0.0 <= metrics["frame_auroc"] <= 1.0
     assert {"auroc_Test001", "auroc_Test007", "auroc_Test012"} <= metrics.keys()
+    # A randomly initialised resnet18 backbone, 60 training frames, 64 px: measured frame AUROC 0.669 over the
+    # three val clips and 0.970 on Test007 (cyclists and a cart among walkers). Random scores give 0.5.
+    assert metrics["frame_auroc"] > 0.6, metrics
+    assert metrics["auroc_Test007"] > 0.9, metrics
     assert (tmp_path / "eval" / "scores_Test001.png").is_file()
     clips = json.loads((tmp_path / "eval" / "clips.json").read_text())
     scores = np.asarray(clips["clips"]["Test007"]["smoothed"])
     labels = np.asarray(clips["clips"]["Test007"]["labels"])
-    # Even a randomly initialised backbone separates Test007's cyclists from the normal crowd.
-    assert scores[labels == 1].mean() > scores[labels == 0].mean()
+    # the per-clip AUROC in metrics.json is computed from the smoothed scores written to clips.json
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(labels, scores) == pytest.approx(metrics["auroc_Test007"], abs=1e-9)
 
 
 @pytest.mark.parametrize(
@@ -180,11 +188,13 @@ def test_surveillance_supervised_frame_classifier_on_clips(tmp_path, data_dir):
     assert ckpt["classes"] == ["normal", "abnormal"] and ckpt["preprocessing"]["crop_mode"] == "squash"
     assert ckpt["recipe"]["data"]["val_clips"] == ["Test007"]
     metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
-    assert metrics["auroc"] > 0.6, metrics  # abnormal frames of an unseen clip rank above its normal ones
+    # abnormal frames of an unseen clip rank above its normal ones: measured AUROC 0.898 (seed 0, one thread)
+    assert metrics["auroc"] > 0.82, metrics
     assert (run_dir / "report" / "roc.png").is_file()
     # evaluate reads the clip layout from the checkpoint: a folder holding one labelled clip works too
     summary = evaluate_checkpoint(run_dir / "best.pt", data_dir / "ucsd_ped2" / "val" / "Test001", out=tmp_path / "ev")
-    assert summary["n"] == 180 and 0.0 <= summary["auroc"] <= 1.0
+    # Test001 trained this model (only Test007 validates), so it ranks its frames well: measured 0.963
+    assert summary["n"] == 180 and summary["auroc"] > 0.9, summary
     # predict and Grad-CAM see the whole 360x240 frame (squash), not a centre crop
     from tlkit.explain import gradcam
     from tlkit.predict import Predictor
