@@ -24,7 +24,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tlkit.speed import BenchConfig, _normalized, device_name, engine_setup, synthetic_batch  # noqa: E402
+from speed import BenchConfig, _normalized, device_name, engine_setup, synthetic_batch  # noqa: E402
 
 
 def cpu_pressure() -> float | None:
@@ -57,8 +57,9 @@ def bare_steps(cfg: BenchConfig, channels_last: bool, n: int) -> list[float]:
 
 
 def engine_steps(cfg: BenchConfig, channels_last: bool, n: int) -> list[float]:
+    from speed import RepeatLoader
+
     from tlkit.engine import train_one_epoch
-    from tlkit.speed import RepeatLoader
 
     device = torch.device("cpu")
     recipe, model, optimizer, scheduler, criterion, ctx = engine_setup(cfg, device, channels_last=channels_last)

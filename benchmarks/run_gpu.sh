@@ -19,7 +19,7 @@ STAGE=${1:-all}
 PY=${PYTHON:-python3}
 RES=${OUT:-benchmarks/results}
 mkdir -p "$RES"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/tlkit-inductor}
 if [ -z "${TLKIT_DATA:-}" ] && [ -d .gpudata ]; then export TLKIT_DATA="$PWD/.gpudata"; fi
 PACKS=${TLKIT_PACKS:-/tmp/tlkit-packs}
@@ -38,7 +38,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 $PY -c "import torch, torchvision, timm; print('torch', torch.__version__, 'torchvision', torchvision.__version__, \
 'timm', timm.__version__, 'cuda', torch.cuda.is_available())"
 uptime
-SLUG=$($PY -c "import torch; from tlkit.speed import device_slug, resolve; print(device_slug(resolve('auto')))")
+SLUG=$($PY -c "import torch; from speed import device_slug, resolve; print(device_slug(resolve('auto')))")
 
 if [[ $STAGE == all || $STAGE == check ]]; then
   log "device-vs-CPU check (crop_resize, decode_jpeg)"

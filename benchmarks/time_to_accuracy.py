@@ -403,7 +403,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             raise SystemExit(f"unknown run {name!r}; use reference, tlkit, fit")
     target, rows = summarize(runs, args.target)
-    from tlkit.speed import device_name, device_slug
+    from speed import device_name, device_slug
 
     result = {
         "schema": 1,

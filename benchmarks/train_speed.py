@@ -5,7 +5,7 @@
     python benchmarks/train_speed.py --preset gpu --save \\
         --pack /tmp/packs/imagenet_sample-256 --tile 10000 --jpeg-root imagenet_sample --jpeg-split val
 
-Synthetic rows (see tlkit/speed.py): plain_fp32, tv_amp, timm_amp_cl(+compile), bare_* and tlkit*.
+Synthetic rows (see benchmarks/speed.py): plain_fp32, tv_amp, timm_amp_cl(+compile), bare_* and tlkit*.
 End-to-end rows feed the engine's `train_one_epoch` from real data:
   e2e_gpu_resident  the pack copied onto the device (`DeviceLoader`),
   e2e_packed        the pack streamed from its memory map (`PackedLoader`),
@@ -26,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tlkit.speed import BenchConfig, format_table, resolve, results_path, run_benchmark, write_result  # noqa: E402
+from speed import BenchConfig, format_table, resolve, results_path, run_benchmark, write_result  # noqa: E402
 
 PRESETS = {
     "smoke": BenchConfig(
