@@ -103,9 +103,9 @@ def stand_in_checkpoint(recipe: str, workdir: Path) -> Path:
 
 
 def newest(recipe: str) -> Path | None:
-    from tlkit.workflows import newest_checkpoint
+    from tlkit.checkpoint import newest_run
 
-    return newest_checkpoint("finetune", recipe)
+    return newest_run(kind="finetune", recipe=recipe)
 
 
 def percentile(values: list[float], q: float) -> float:

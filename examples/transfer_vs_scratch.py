@@ -15,9 +15,10 @@ from pathlib import Path
 
 import yaml
 
+from tlkit.checkpoint import newest_run
 from tlkit.config import deep_merge, parse_set
 from tlkit.paths import runs_dir, set_offline_env
-from tlkit.workflows import newest_checkpoint, run_training
+from tlkit.workflows import run_training
 
 METRICS = ("top1", "macro_accuracy", "auroc", "sensitivity", "specificity", "ece", "frame_auroc")
 
@@ -70,7 +71,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--set", dest="sets", action="append", default=[], help="recipe overrides key=value")
     args = parser.parse_args()
-    init = args.init or newest_checkpoint("pretrain")
+    init = args.init or newest_run(kind="pretrain")
     if init is None:
         raise SystemExit("error: no pretrain run in runs/: run `tlkit pretrain` or pass --init <weights>")
     overrides = parse_set(args.sets)

@@ -30,7 +30,7 @@ from tlkit.cli import app
 from tlkit.config import deep_merge, load_recipe, recipe_from_dict
 from tlkit.data.loader import build_datasets, make_loader
 from tlkit.data.transforms import Preprocessing, preprocessing_for
-from tlkit.evaluation import checkpoint_loader, checkpoint_logits
+from tlkit.tasks.classification.val import checkpoint_loader, checkpoint_logits
 from tlkit.workflows import run_training
 
 # Every run here: resnet10t at 32 px from scratch, one epoch, no loader workers, full fine-tuning.

@@ -180,7 +180,7 @@ def evaluate(
     device: Device = "auto",
 ) -> None:
     """Evaluate a checkpoint on a labelled split; prints and writes metrics.json and a report."""
-    from tlkit.evaluation import evaluate_checkpoint
+    from tlkit.workflows import evaluate_checkpoint
 
     _setup_logging()
     metrics = _run_guarded(

@@ -38,18 +38,14 @@ def available_apps() -> list[str]:
 
 
 def resolve_checkpoint(recipe: str, checkpoint: str | Path | None = None) -> Path:
-    """The checkpoint given, else the newest `runs/finetune-<recipe>-*/best.pt`; neither -> ValueError."""
-    from tlkit.checkpoint import CheckpointError
-    from tlkit.workflows import newest_checkpoint
+    """The checkpoint given (a run folder means its best.pt), else the best.pt of the newest run whose
+    checkpoint records this recipe; neither -> ValueError."""
+    from tlkit.checkpoint import newest_run
+    from tlkit.checkpoint import resolve_checkpoint as resolve_file
 
     if checkpoint:
-        path = Path(checkpoint)
-        if path.is_dir():
-            path = next((path / n for n in ("best.pt", "last.pt") if (path / n).is_file()), path)
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint not found: {path}")
-        return path
-    newest = newest_checkpoint("finetune", recipe)
+        return resolve_file(checkpoint)
+    newest = newest_run(recipe=recipe, kind="finetune")
     if newest is None:
         raise ValueError(
             f"no {recipe} checkpoint found in runs/: make one with `tlkit finetune --recipe {recipe}`, "
@@ -60,17 +56,9 @@ def resolve_checkpoint(recipe: str, checkpoint: str | Path | None = None) -> Pat
 
 def checkpoint_meta(path: str | Path) -> dict:
     """A checkpoint's metadata without reading its weights (memory-mapped load, tensors dropped)."""
-    import torch
+    from tlkit.checkpoint import read_meta
 
-    from tlkit.checkpoint import CheckpointError
-
-    try:
-        ckpt = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # corrupt, not a zip checkpoint, ...
-        raise CheckpointError(f"cannot load {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "tlkit":
-        raise CheckpointError(f"{path} is not a tlkit checkpoint")
-    return {k: v for k, v in ckpt.items() if k not in ("model", "ema", "optimizer", "scheduler", "rng", "anomaly")}
+    return read_meta(path)
 
 
 class Lazy(Generic[T]):
@@ -176,6 +164,40 @@ def upload_image(**kwargs):
 
     component.preprocess = preprocess
     return component
+
+
+def image_file(rgb, name: str = "image") -> str:
+    """An HxWx3 uint8 array -> a PNG in Gradio's cache folder, at a path named after its content
+    (`<cache>/<sha256>/<name>.png`), written to a temp file and renamed into place; for image outputs.
+
+    Handing Gradio the array instead makes it write the same content-named path in place (truncate, then
+    write): when two requests produce the same image (the same upload twice, or an update that repeats an
+    image), one request's write truncated the file while another's download was streaming it, and that
+    client failed with `RemoteProtocolError: peer closed connection`. A rename never alters a file being read."""
+    import hashlib
+    import io
+    import os
+    import tempfile
+
+    from gradio.utils import get_upload_folder
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    folder = Path(get_upload_folder()) / hashlib.sha256(data).hexdigest()
+    path = folder / f"{name}.png"
+    if not path.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return str(path)
 
 
 def example_files(

@@ -28,11 +28,12 @@ import torch
 from torch import nn
 
 from tlkit import __version__
-from tlkit.checkpoint import load_tlkit_checkpoint
+from tlkit.checkpoint import load_tlkit_checkpoint, resolve_checkpoint
 from tlkit.data.transforms import Preprocessing, eval_transform, norm_tensors, normalize
 from tlkit.models import model_from_checkpoint
 from tlkit.paths import data_root, resolve_data
 from tlkit.progress import console
+from tlkit.tasks import require, task_of
 
 log = logging.getLogger("tlkit.export")
 
@@ -59,8 +60,7 @@ def export_checkpoint(
     if not tolerance >= 0:
         raise ValueError(f"tolerance must be a non-negative number, got {tolerance!r}")
     ckpt, source = _load(checkpoint)
-    if ckpt.get("task", "classify") != "classify":
-        raise ValueError(f"export supports classifier checkpoints; this one is a {ckpt.get('task')!r} checkpoint")
+    require(task_of(ckpt), "export")
     out = _default_out(source, fmt) if out is None else Path(out)
     if out.is_dir():
         out = out / (Path(source).stem + FORMATS[fmt] if source else "model" + FORMATS[fmt])
@@ -137,9 +137,7 @@ def export_checkpoint(
 def _load(checkpoint: str | Path | dict) -> tuple[dict, Path | None]:
     if isinstance(checkpoint, dict):
         return checkpoint, None
-    path = Path(checkpoint)
-    if path.is_dir():  # a run folder: export what training judged best
-        path = next((path / n for n in ("best.pt", "last.pt") if (path / n).is_file()), path)
+    path = resolve_checkpoint(checkpoint)  # a run folder: export what training judged best (best.pt)
     return load_tlkit_checkpoint(path), path
 
 
@@ -195,7 +193,7 @@ def parity_inputs(ckpt: dict, pre: Preprocessing) -> tuple[dict[int, torch.Tenso
 
 
 def export_metadata(ckpt: dict, pre: Preprocessing, fmt: str, source: Path | None) -> dict:
-    from tlkit.evaluation import positive_index
+    from tlkit.tasks.classification.val import positive_index
 
     pos = ckpt.get("positive_index")
     if pos is None and ckpt.get("recipe") is not None:

@@ -36,6 +36,7 @@ from tlkit.engine import (
 from tlkit.optim import build_optimizer
 from tlkit.paths import runs_dir
 from tlkit.progress import Progress, console
+from tlkit.tasks import require, task_of
 from tlkit.transfer import Strategy
 from tlkit.workflows import resolve_init
 
@@ -64,8 +65,7 @@ def run_lr_find(
     if not 0 < start_lr < end_lr:
         raise ValueError(f"lr-find needs 0 < start_lr < end_lr, got {start_lr:g} and {end_lr:g}")
     recipe = load_recipe(recipe_name, overrides, cuda=torch.cuda.is_available())
-    if recipe.task != "classify":
-        raise ValueError(f"lr-find works on classification recipes; {recipe.name} is a {recipe.task!r} recipe")
+    require(task_of(recipe), "lr-find", "recipe")
     recipe = resolve_init(recipe)
     device = resolve_device(recipe.train.device)
     seed_everything(recipe.train.seed)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tlkit.checkpoint import CheckpointError, load_tlkit_checkpoint
+from tlkit.checkpoint import load_tlkit_checkpoint, resolve_checkpoint, strip
 from tlkit.data.io import ImageDecodeError, is_image_file, load_rgb_array
 from tlkit.data.transforms import Preprocessing, eval_transform, norm_tensors, normalize
 
@@ -74,24 +74,19 @@ class Predictor:
         """Load a tlkit classification checkpoint (`torch.load(weights_only=True)`) and rebuild its model.
         A run folder means its `best.pt` (the one with the calibrated temperature and threshold)."""
         from tlkit.engine import resolve_device
-        from tlkit.evaluation import positive_index as default_positive_index
         from tlkit.models import model_from_checkpoint
+        from tlkit.tasks import require, task_of
+        from tlkit.tasks.classification.val import positive_index as default_positive_index
 
-        path = Path(path)
-        if path.is_dir() and (path / "best.pt").is_file():
-            path = path / "best.pt"  # a run folder: the calibrated best.pt, not last.pt
+        path = resolve_checkpoint(path)  # a run folder: the calibrated best.pt, not last.pt
         ckpt = load_tlkit_checkpoint(path)
-        if ckpt.get("task", "classify") != "classify":
-            raise CheckpointError(
-                f"{path} is a {ckpt.get('task')!r} checkpoint, not an image classifier "
-                "(anomaly checkpoints are used by the surveillance demo)"
-            )
+        require(task_of(ckpt), "predict")
         dev = resolve_device(device)
         model = model_from_checkpoint(ckpt, use_ema=use_ema)
         pos = ckpt.get("positive_index")
         if pos is None and len(ckpt["classes"]) == 2:
             pos = default_positive_index(ckpt)
-        meta = {k: v for k, v in ckpt.items() if k not in ("model", "ema", "optimizer", "scheduler", "rng")}
+        meta = strip(ckpt)
         return cls(
             model,
             ckpt["classes"],

@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint on a labelled split, calibrate it on val, and write its report.
+"""Classification: evaluate a checkpoint on a labelled split, calibrate it on val, and write its report.
 
 Everything the model needs (architecture, classes, preprocessing, threshold, temperature) is read
 from the checkpoint, so `tlkit evaluate` takes nothing but the checkpoint and the data.
@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tlkit.checkpoint import load_tlkit_checkpoint, save_checkpoint
 from tlkit.data.datasets import ImageDataset, scan_split
 from tlkit.data.transforms import Preprocessing, eval_transform, norm_tensors
 from tlkit.engine import StepContext, predict_logits, resolve_device, topk_metrics
@@ -109,6 +108,7 @@ def report_context(ckpt: dict, data: str | Path, split: str) -> dict:
 
 
 def evaluate_checkpoint(
+    ckpt: dict,
     checkpoint: str | Path,
     data: str | Path,
     *,
@@ -119,11 +119,6 @@ def evaluate_checkpoint(
     quiet: bool = False,
 ) -> dict:
     """`tlkit evaluate`: metrics.json + report/ for any labelled split in the checkpoint's classes."""
-    ckpt = load_tlkit_checkpoint(checkpoint)
-    if ckpt.get("task") == "anomaly":
-        from tlkit.surveillance import evaluate_anomaly_checkpoint
-
-        return evaluate_anomaly_checkpoint(ckpt, checkpoint, data, split=split, out=out)
     logits, targets, skipped = checkpoint_logits(ckpt, data, split, batch_size=batch_size, device=device, quiet=quiet)
     out = Path(out) if out else Path(checkpoint).parent / f"eval-{split}"
     metrics = write_checkpoint_report(
@@ -172,18 +167,14 @@ def write_checkpoint_report(
     return metrics
 
 
-def calibrate(
-    best_path: Path, data_root: str, val_split: str, *, device: str = "auto", quiet: bool = False
-) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Fit temperature scaling and the binary decision threshold on val; store both in best.pt.
+def calibrate(ckpt: dict, logits: torch.Tensor, targets: torch.Tensor) -> dict:
+    """Fit temperature scaling and the binary decision threshold on val logits; store both in `ckpt`.
 
     The threshold is chosen on temperature-scaled probabilities, so what is stored is consistent
-    with what predict/evaluate/demos compute. Returns (calibration, val logits, val targets)."""
+    with what predict/evaluate/demos compute. Returns the calibration summary (also `ckpt["calibration"]`)."""
     from tlkit.metrics import choose_threshold, expected_calibration_error, fit_temperature, softmax
 
-    ckpt = load_tlkit_checkpoint(best_path)
     ft = ckpt["recipe"].get("finetune") or {}
-    logits, targets, _ = checkpoint_logits(ckpt, data_root, val_split, device=device, quiet=quiet)
     y = targets.numpy()
     result = {"ece_before": expected_calibration_error(softmax(logits.numpy()), y)}
     temperature = fit_temperature(logits.numpy(), y) if ft.get("temperature_scaling", True) else 1.0
@@ -202,5 +193,4 @@ def calibrate(
     ckpt["calibration"] = result
     val_metrics, _ = metrics_for(ckpt, logits, targets)
     ckpt["val_metrics"] = {k: v for k, v in val_metrics.items() if isinstance(v, int | float | type(None))}
-    save_checkpoint(ckpt, best_path)
-    return result, logits, targets
+    return result

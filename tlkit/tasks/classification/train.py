@@ -1,0 +1,73 @@
+"""Classification training: the engine's `fit`, then one post-training pass on val (calibration for
+fine-tunes, the report), then what to run next."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tlkit.checkpoint import load_tlkit_checkpoint, save_checkpoint
+from tlkit.config import Recipe, replace
+from tlkit.progress import console
+from tlkit.tasks.classification.val import calibrate, checkpoint_logits, write_checkpoint_report
+
+
+def train(recipe: Recipe, *, kind: str = "pretrain", resume: str | Path | None = None, quiet: bool = False) -> Path:
+    """Train `recipe` (pretraining or fine-tuning), calibrate and report; returns the run folder."""
+    from tlkit.engine import fit
+
+    if kind == "finetune" and recipe.finetune is None:
+        recipe = replace(recipe, finetune={})  # fine-tuning always has a strategy (the defaults: full)
+    result = fit(recipe, kind=kind, resume=resume, quiet=quiet)
+    if not _is_main():
+        return result.run_dir
+    has_val = post_train(result, recipe, kind, quiet=quiet)
+    _print_next(result, recipe, kind, has_val)
+    return result.run_dir
+
+
+def _is_main() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def post_train(result, recipe: Recipe, kind: str, *, quiet: bool = False) -> bool:
+    """One load of best.pt and one val pass: calibrate it (fine-tuning) and write report/ from the same logits,
+    so the report, the stored threshold and what `evaluate` later measures agree. False when there is no val."""
+    bundle = result.extras["bundle"]
+    if bundle.val is None or not result.best_path.is_file():
+        return False
+    ckpt = load_tlkit_checkpoint(result.best_path)
+    logits, targets, _ = checkpoint_logits(ckpt, bundle.root, recipe.data.val_split, quiet=quiet)
+    if kind == "finetune":
+        calib = calibrate(ckpt, logits, targets)
+        save_checkpoint(ckpt, result.best_path)
+        console.print(
+            "calibration on val: " + ", ".join(f"{k} {v:.4g}" for k, v in calib.items() if isinstance(v, float))
+        )
+    write_checkpoint_report(
+        ckpt,
+        logits,
+        targets,
+        result.run_dir / "report",
+        data=bundle.root,
+        split=recipe.data.val_split,
+        title=f"tlkit {kind}: {recipe.name}",
+        metrics_jsonl=result.run_dir / "metrics.jsonl",
+        extra={"calibration": ckpt.get("calibration")},
+    )
+    return True
+
+
+def _print_next(result, recipe: Recipe, kind: str, has_val: bool) -> None:
+    run_dir, root = result.run_dir, result.extras["bundle"].root
+    console.print(f"\n[bold]best checkpoint:[/bold] {result.best_path}  (val top-1 {result.best_top1:.2f}%)")
+    if has_val:
+        console.print(f"report: {run_dir / 'report' / 'report.md'}")
+    console.print("next:")
+    console.print(f"  tlkit evaluate --checkpoint {result.best_path} --data {root}")
+    if kind == "pretrain":
+        console.print(f"  tlkit finetune --recipe medical --init {result.best_path}")
+    else:
+        console.print(f"  tlkit predict --checkpoint {result.best_path} <image> ...")
+        console.print(f"  tlkit demo {recipe.name} --checkpoint {result.best_path}")
