@@ -47,6 +47,7 @@ class Predictor:
         val_metrics: dict | None = None,
         task: str = "classify",
         arch: str | None = None,
+        tta_flip: bool = False,
         device: str | torch.device = "cpu",
         checkpoint: dict | None = None,
         path: Path | None = None,
@@ -64,6 +65,7 @@ class Predictor:
         self.val_metrics = dict(val_metrics or {})
         self.task = task
         self.arch = arch
+        self.tta_flip = bool(tta_flip)  # average with the mirrored image, as `evaluate` does for this recipe
         self.checkpoint = checkpoint or {}  # metadata only (weights dropped), e.g. data_root, recipe
         self.path = path
         self._mean, self._std = norm_tensors(self.preprocessing, self.device)
@@ -98,6 +100,7 @@ class Predictor:
             val_metrics=ckpt.get("val_metrics"),
             task=ckpt.get("task", "classify"),
             arch=ckpt.get("arch"),
+            tta_flip=bool(ckpt["recipe"].get("train", {}).get("tta_flip", False)),
             device=dev,
             checkpoint=meta,
             path=path,
@@ -130,7 +133,11 @@ class Predictor:
 
     @torch.inference_mode()
     def logits(self, batch: torch.Tensor) -> torch.Tensor:
-        return self.model(batch.to(self.device)).float()
+        batch = batch.to(self.device)
+        logits = self.model(batch).float()
+        if self.tta_flip:  # the same test-time augmentation `evaluate` applied when it measured this model
+            logits = (logits + self.model(torch.flip(batch, dims=[3])).float()) / 2
+        return logits
 
     def probabilities(self, batch: torch.Tensor) -> torch.Tensor:
         """Temperature-scaled softmax (the temperature fitted on val at the end of fine-tuning)."""
