@@ -104,23 +104,8 @@ def pretrain(
     recipe: Annotated[str, typer.Option("--recipe", help="Recipe name or YAML path.")] = "imagenet",
 ) -> None:
     """Pretrain a model on ImageNet-layout data (default: the tiny_imagenet_200 sample)."""
-    from tlkit.workflows import run_training
-
-    _setup_logging()
-    overrides = _run_guarded(
-        _overrides,
-        data=data,
-        arch=arch,
-        epochs=epochs,
-        batch_size=batch_size,
-        img_size=img_size,
-        lr=lr,
-        out=out,
-        seed=seed,
-        device=device,
-        sets=sets,
-    )
-    _run_guarded(run_training, recipe, overrides, kind="pretrain", resume=resume, quiet=quiet)
+    options = dict(locals())  # every option above, by name
+    _train("pretrain", options.pop("recipe"), options.pop("resume"), options.pop("quiet"), options)
 
 
 @app.command()
@@ -149,25 +134,17 @@ def finetune(
     quiet: Quiet = False,
 ) -> None:
     """Fine-tune pretrained weights with a recipe; writes checkpoints and a report/ folder."""
+    options = dict(locals())
+    _train("finetune", options.pop("recipe"), options.pop("resume"), options.pop("quiet"), options)
+
+
+def _train(kind: str, recipe: str, resume: str | None, quiet: bool, options: dict) -> None:
+    """pretrain and finetune: options -> recipe overrides -> one training run."""
     from tlkit.workflows import run_training
 
     _setup_logging()
-    overrides = _run_guarded(
-        _overrides,
-        data=data,
-        arch=arch,
-        epochs=epochs,
-        batch_size=batch_size,
-        img_size=img_size,
-        lr=lr,
-        out=out,
-        seed=seed,
-        device=device,
-        sets=sets,
-        init=init,
-        strategy=strategy,
-    )
-    _run_guarded(run_training, recipe, overrides, kind="finetune", resume=resume, quiet=quiet)
+    overrides = _run_guarded(_overrides, **options)
+    _run_guarded(run_training, recipe, overrides, kind=kind, resume=resume, quiet=quiet)
 
 
 @app.command()
