@@ -11,6 +11,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import zlib
@@ -18,7 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from test_predict import medical_checkpoint, shared_base, surveillance_checkpoint, traffic_checkpoint
+from test_predict import (
+    IMAGENET_WEIGHTS,
+    MEDICAL_VAL,
+    medical_checkpoint,
+    shared_base,
+    surveillance_checkpoint,
+    traffic_checkpoint,
+)
 
 from tlkit.paths import REPO_DIR, data_root
 
@@ -177,6 +185,8 @@ def app_servers(tmp_path_factory: pytest.TempPathFactory):
     for name in ("malaria", "gtsrb", "ucsd_ped2"):
         if not (data_root() / name).is_dir():
             pytest.skip(f"{name} sample not found under {data_root()}")
+    if not IMAGENET_WEIGHTS.is_file():
+        pytest.skip(f"ImageNet weights not found at {IMAGENET_WEIGHTS} (the medical app's checkpoint starts there)")
     yield app_servers_for(tmp_path_factory)
     stop_all()
 
@@ -232,27 +242,30 @@ def _error_text(excinfo: pytest.ExceptionInfo) -> str:
 
 
 def test_medical_prediction_matches_the_checkpoint(app_servers) -> None:
+    """The app answers what its checkpoint answers, image by image, and those answers are mostly right: cells
+    the checkpoint never saw (val images from MEDICAL_VAL on: neither trained nor calibrated on)."""
     from gradio_client import handle_file
 
     from tlkit.predict import Predictor
 
     server = app_servers["medical"]
     predictor = Predictor.from_checkpoint(server.checkpoint, device="cpu")
+    client = server.client()
+    right = 0
     for cls in ("Parasitized", "Uninfected"):
-        image = sorted((data_root() / "malaria" / "val" / cls).glob("*.png"))[0]
-        label, decision, overlay = server.client().predict(handle_file(str(image)), api_name="/predict")
-        (expected,) = predictor.predict(image)
-        assert label["label"] == expected["label"]
-        confidences = {c["label"]: c["confidence"] for c in label["confidences"]}
-        assert confidences[expected["label"]] == pytest.approx(expected["probability"], abs=1e-4)
-        assert sum(confidences.values()) == pytest.approx(1.0, abs=1e-4)
-        assert f"Decision: **{expected['decision']['label']}**" in decision
-        assert "sensitivity" in decision and "specificity" in decision
-        assert Path(overlay).is_file() and Path(overlay).stat().st_size > 1000
-        # Confidently right on its own class is more than a 1-epoch model manages reliably; when it is
-        # confident, it must be right (the examples are from the val split it was calibrated on).
-        if expected["probability"] > 0.95:
-            assert expected["label"] == cls
+        for image in sorted((data_root() / "malaria" / "val" / cls).glob("*.png"))[MEDICAL_VAL : MEDICAL_VAL + 6]:
+            label, decision, overlay = client.predict(handle_file(str(image)), api_name="/predict")
+            (expected,) = predictor.predict(image)
+            assert label["label"] == expected["label"], image.name
+            confidences = {c["label"]: c["confidence"] for c in label["confidences"]}
+            assert confidences == pytest.approx({t["label"]: t["probability"] for t in expected["topk"]}, abs=1e-4)
+            assert f"Decision: **{expected['decision']['label']}**" in decision, image.name
+            assert "sensitivity" in decision and "specificity" in decision
+            assert Path(overlay).is_file() and Path(overlay).stat().st_size > 1000
+            right += f"Decision: **{cls}**" in decision
+    # Measured: 11 of these 12 decisions right (5/6 Parasitized, 6/6 Uninfected; 80.3 % over all 254 held-out
+    # cells, see test_predict). A demo stuck on one answer gets 6; one that swaps the labels, 1.
+    assert right >= 10, f"{right} of 12 decisions right"
 
 
 @pytest.mark.parametrize(
@@ -322,6 +335,82 @@ def test_traffic_signs_bad_upload_then_still_serving(app_servers, bad_files) -> 
     assert top5["label"]
 
 
+CLIENTS, PER_CLIENT = 8, 3
+
+
+def test_traffic_signs_queue_serves_concurrent_clients(app_servers, bad_files, tmp_path: Path) -> None:
+    """README: "requests are queued". 8 clients send 3 requests each at once (24 in flight against a
+    concurrency of 2): 16 of one sign (identical Grad-CAM overlays), 4 of another and 4 text files. Every
+    valid request gets the sequential answer and its whole overlay; every text file gets its message."""
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    server = app_servers["traffic-signs"]
+    signs = [sorted((data_root() / "gtsrb" / "val" / c).glob("*.png"))[0] for c in ("14", "25")]
+    reference = {}
+    for sign in signs:  # one at a time first
+        top5, overlay = server.client().predict(handle_file(str(sign)), api_name="/predict")
+        reference[sign] = (top5, Path(overlay).read_bytes())
+    assert reference[signs[0]][1] != reference[signs[1]][1]
+    plan = [[signs[0], signs[0], bad_files["text"] if c % 2 else signs[1]] for c in range(CLIENTS)]
+    assert sum(f == signs[0] for row in plan for f in row) == 16 and sum(len(row) for row in plan) == 24
+    clients = [Client(server.url, verbose=False, download_files=str(tmp_path / f"client{c}")) for c in range(CLIENTS)]
+    start = threading.Barrier(CLIENTS)
+    outcomes: dict[tuple[int, int], object] = {}
+
+    def run(c: int) -> None:
+        start.wait()  # all clients submit together
+        jobs = [clients[c].submit(handle_file(str(f)), api_name="/predict") for f in plan[c]]
+        for i, job in enumerate(jobs):
+            try:
+                outcomes[c, i] = job.result(timeout=180)
+            except Exception as e:  # noqa: BLE001 - recorded and checked below
+                outcomes[c, i] = e
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for client in clients:
+        client.close()
+    assert sorted(outcomes) == [(c, i) for c in range(CLIENTS) for i in range(PER_CLIENT)]  # none lost
+    for (c, i), outcome in sorted(outcomes.items()):
+        sent = plan[c][i]
+        if sent == bad_files["text"]:
+            assert isinstance(outcome, AppError) and "not an image file" in str(outcome), (c, i, outcome)
+            continue
+        assert not isinstance(outcome, BaseException), (c, i, sent.name, repr(outcome))
+        top5, overlay = outcome
+        expected_top5, expected_overlay = reference[sent]
+        assert top5["label"] == expected_top5["label"]
+        assert [x["label"] for x in top5["confidences"]] == [x["label"] for x in expected_top5["confidences"]]
+        got, want = ([x["confidence"] for x in t["confidences"]] for t in (top5, expected_top5))
+        assert got == pytest.approx(want, abs=1e-6)
+        assert Path(overlay).read_bytes() == expected_overlay, (c, i, sent.name)
+
+
+def test_traffic_signs_overlay_files_are_not_rewritten(app_servers) -> None:
+    """The deterministic half of the test above: a file the server has handed out (here still open, as a
+    download in progress would hold it) is not written again when another request makes the same image."""
+    from gradio_client import Client, handle_file
+
+    server = app_servers["traffic-signs"]
+    client = Client(server.url, verbose=False, download_files=False)  # file data with the server's path
+    sign = sorted((data_root() / "gtsrb" / "val" / "14").glob("*.png"))[1]
+    _, first = client.predict(handle_file(str(sign)), api_name="/predict")
+    served = Path(first["path"])  # the tests and the servers share this machine
+    with open(served, "rb") as handed_out:
+        before = os.fstat(handed_out.fileno())
+        _, second = client.predict(handle_file(str(sign)), api_name="/predict")
+        after = os.fstat(handed_out.fileno())
+        content = handed_out.read()
+    client.close()
+    assert (after.st_mtime_ns, after.st_size) == (before.st_mtime_ns, before.st_size), "written in place"
+    assert len(content) == before.st_size and content.startswith(b"\x89PNG")
+    assert Path(second["path"]).read_bytes() == content  # same image, same bytes
+
+
 # ---- surveillance ------------------------------------------------------------------------------------------
 
 
@@ -384,31 +473,19 @@ def test_demo_without_checkpoint_says_how_to_make_one(tmp_path: Path, monkeypatc
     assert "tlkit finetune --recipe medical" in result.output and "Traceback" not in result.output
 
 
-def test_newest_run_is_the_default_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tlkit.demo import resolve_checkpoint
-
-    runs = tmp_path / "runs"
-    for i, name in enumerate(["finetune-medical-resnet18-a", "finetune-medical-resnet18-b", "finetune-x-c"]):
-        (runs / name).mkdir(parents=True)
-        (runs / name / "best.pt").write_bytes(b"x")
-        os.utime(runs / name / "best.pt", (1000 + i, 1000 + i))
-    monkeypatch.setenv("TLKIT_RUNS", str(runs))
-    assert resolve_checkpoint("medical") == runs / "finetune-medical-resnet18-b" / "best.pt"
-
-
 def test_apps_do_not_load_models_at_import(app_servers, monkeypatch: pytest.MonkeyPatch) -> None:
     """Importing an app builds its UI only; the model loads on the first request (or in build_demo)."""
     import gradio as gr
 
     import tlkit.predict
-    import tlkit.surveillance
+    import tlkit.tasks.anomaly.stream
     from tlkit.demo import load_app
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded at import time")
 
     monkeypatch.setattr(tlkit.predict.Predictor, "from_checkpoint", refuse)
-    monkeypatch.setattr(tlkit.surveillance, "scorer_from_checkpoint", refuse)
+    monkeypatch.setattr(tlkit.tasks.anomaly.stream, "load_scorer", refuse)
     for name in ("medical", "traffic-signs", "surveillance"):
         monkeypatch.setenv("TLKIT_CHECKPOINT", str(app_servers[name].checkpoint))
         module = load_app(name)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from test_apps import ANOMALY_ONSET_S, SAMPLE_VIDEO, app_servers_for, stop_all
+from test_predict import IMAGENET_WEIGHTS
 
 from tlkit.paths import data_root
 
@@ -47,6 +48,8 @@ def servers(tmp_path_factory: pytest.TempPathFactory):
     for name in ("malaria", "gtsrb", "ucsd_ped2"):
         if not (data_root() / name).is_dir():
             pytest.skip(f"{name} sample not found under {data_root()}")
+    if not IMAGENET_WEIGHTS.is_file():
+        pytest.skip(f"ImageNet weights not found at {IMAGENET_WEIGHTS} (the medical app's checkpoint starts there)")
     yield app_servers_for(tmp_path_factory)
     stop_all()
 
@@ -67,9 +70,13 @@ def _open(page, url: str) -> None:
     expect(page.get_by_role("button").first).to_be_visible()
 
 
-def _upload_image(page, path: Path) -> None:
+def _upload_image(page, path: Path, *, decodes: bool = True) -> None:
+    """Upload `path` and wait until the component holds it: the image element's src is then the server's
+    copy (`/file=<cache>/<hash>/<name>`), set only once the upload has finished. A file that does not
+    decode still gets the element (attached, nothing to show), so `decodes=False` waits for that."""
     page.locator("#image-input input[type=file]").set_input_files(str(path))
-    page.locator("#image-input img").first.wait_for()  # the preview: the file reached the server
+    served = page.locator(f"#image-input img[src*='/file='][src$='/{path.name}']")
+    served.wait_for(state="visible" if decodes else "attached")
 
 
 def test_medical_page(servers, page, tmp_path: Path) -> None:
@@ -92,8 +99,7 @@ def test_medical_page_shows_upload_errors(servers, page, bad_image: Path, tmp_pa
     from playwright.sync_api import expect
 
     _open(page, servers["medical"].url)
-    page.locator("#image-input input[type=file]").set_input_files(str(bad_image))
-    page.wait_for_timeout(1500)  # let the upload finish (no preview to wait for: it does not decode)
+    _upload_image(page, bad_image, decodes=False)
     page.get_by_role("button", name="Analyse").click()
     expect(page.get_by_text("corrupt or truncated image file").first).to_be_visible()
     page.screenshot(path=str(tmp_path / "medical-error.png"), full_page=True)

@@ -23,6 +23,7 @@ from tlkit.demo import (  # noqa: E402
     app_main,
     checkpoint_meta,
     example_files,
+    image_file,
     lazy_checkpoint,
     read_upload,
     upload_image,
@@ -120,7 +121,8 @@ def build_demo(checkpoint: str | Path | None = None, *, preload: bool = True) ->
         except UploadError as e:
             raise gr.Error(str(e), title="Cannot use this image") from None
         result = predict(service.get_for_request(), rgb)
-        return result["probabilities"], decision_markdown(result), result["gradcam"]
+        overlay_png = image_file(result["gradcam"], "gradcam")  # not the array: see image_file
+        return result["probabilities"], decision_markdown(result), overlay_png
 
     with gr.Blocks(title=f"tlkit: {title}") as demo:
         gr.Markdown(f"# {title}\nUpload an image or pick an example, then press **Analyse**.")

@@ -23,6 +23,7 @@ from tlkit.demo import (  # noqa: E402
     app_main,
     checkpoint_meta,
     example_files,
+    image_file,
     lazy_checkpoint,
     read_upload,
     upload_image,
@@ -69,7 +70,7 @@ def build_demo(checkpoint: str | Path | None = None, *, preload: bool = True) ->
             raise gr.Error(str(e), title="Cannot use this image") from None
         result = predict(service.get_for_request(), rgb)
         scores = {t["label"]: t["probability"] for t in result["topk"]}
-        return scores, result["gradcam"]
+        return scores, image_file(result["gradcam"], "gradcam")  # not the array: see image_file
 
     with gr.Blocks(title="tlkit: traffic signs") as demo:
         gr.Markdown(
