@@ -93,6 +93,20 @@ def lazy_checkpoint(recipe: str, checkpoint: str | Path | None, load: Callable[[
     return Lazy(lambda: load(resolve_checkpoint(recipe, checkpoint)))
 
 
+def model_service(recipe: str, checkpoint: str | Path | None, *, preload: bool) -> tuple[Lazy, dict | None]:
+    """What an app serves: the model its recipe's task loads from `checkpoint` (None: the recipe's newest run,
+    found on first use), loaded now when `preload` and a checkpoint is given; and the checkpoint's metadata."""
+    from tlkit.config import load_recipe
+    from tlkit.tasks import task_of
+
+    task = task_of(load_recipe(recipe))
+    service = lazy_checkpoint(recipe, checkpoint, lambda path: task.load_predictor(path, device="auto"))
+    meta = checkpoint_meta(checkpoint) if checkpoint else None
+    if checkpoint and preload:
+        service.get()
+    return service, meta
+
+
 # ---- uploads ------------------------------------------------------------------------------------------
 
 
@@ -138,6 +152,16 @@ def read_upload(path: str | Path | None, max_pixels: int = MAX_UPLOAD_PIXELS):
         return np.ascontiguousarray(load_rgb_array(path))
     except (ImageDecodeError, OSError) as e:
         raise UploadError(_named(name, describe_error(e, path))) from None
+
+
+def upload_or_error(path: str | Path | None, max_pixels: int = MAX_UPLOAD_PIXELS):
+    """`read_upload` inside a Gradio handler: an unusable upload becomes a message in the UI."""
+    import gradio as gr
+
+    try:
+        return read_upload(path, max_pixels)
+    except UploadError as e:
+        raise gr.Error(str(e), title="Cannot use this image") from None
 
 
 def _named(name: str, message: str) -> str:

@@ -17,17 +17,7 @@ set_offline_env()  # before gradio is imported
 
 import gradio as gr  # noqa: E402
 
-from tlkit.demo import (  # noqa: E402
-    Lazy,
-    UploadError,
-    app_main,
-    checkpoint_meta,
-    example_files,
-    image_file,
-    lazy_checkpoint,
-    read_upload,
-    upload_image,
-)
+from tlkit.demo import app_main, example_files, image_file, model_service, upload_image, upload_or_error  # noqa: E402
 
 RECIPE = "medical"
 CONCURRENCY = 2  # CPU demo: two requests run at once, the rest wait in the queue
@@ -40,12 +30,6 @@ DATASETS = {
     "chest_xray": ("Chest X-ray: pneumonia", "Chest radiograph"),
     "malaria": ("Malaria: parasitized blood cells", "Thin-smear blood-cell image"),
 }
-
-
-def load_predictor(path: Path):
-    from tlkit.predict import Predictor
-
-    return Predictor.from_checkpoint(path, device="auto")
 
 
 def predict(predictor, image, explain: bool = True) -> dict:
@@ -106,21 +90,14 @@ def model_markdown(meta: dict | None) -> str:
 def build_demo(checkpoint: str | Path | None = None, *, preload: bool = True) -> gr.Blocks:
     """The Gradio app for `checkpoint` (default: the newest medical run, resolved on first use).
     `preload=True` with a checkpoint loads the model now; otherwise on the first request."""
-    service: Lazy = lazy_checkpoint(RECIPE, checkpoint, load_predictor)
-    meta = checkpoint_meta(checkpoint) if checkpoint else None
-    if checkpoint and preload:
-        service.get()
+    service, meta = model_service(RECIPE, checkpoint, preload=preload)
     dataset = Path(str(meta.get("data_root", ""))).name if meta else ""
     title, input_label = DATASETS.get(dataset, ("Medical image classification", "Chest X-ray or blood-cell image"))
     fallback = dataset or (meta or {}).get("recipe", {}).get("data", {}).get("name", "chest_xray")
     examples = example_files(meta.get("data_root") if meta else None, fallback, per_class=2, limit=4)
 
     def on_submit(image_path):
-        try:
-            rgb = read_upload(image_path)
-        except UploadError as e:
-            raise gr.Error(str(e), title="Cannot use this image") from None
-        result = predict(service.get_for_request(), rgb)
+        result = predict(service.get_for_request(), upload_or_error(image_path))
         overlay_png = image_file(result["gradcam"], "gradcam")  # not the array: see image_file
         return result["probabilities"], decision_markdown(result), overlay_png
 

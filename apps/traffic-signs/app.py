@@ -17,27 +17,11 @@ set_offline_env()  # before gradio is imported
 
 import gradio as gr  # noqa: E402
 
-from tlkit.demo import (  # noqa: E402
-    Lazy,
-    UploadError,
-    app_main,
-    checkpoint_meta,
-    example_files,
-    image_file,
-    lazy_checkpoint,
-    read_upload,
-    upload_image,
-)
+from tlkit.demo import app_main, example_files, image_file, model_service, upload_image, upload_or_error  # noqa: E402
 
 RECIPE = "traffic-signs"
 CONCURRENCY = 2  # CPU demo: two requests run at once, the rest wait in the queue
 TOPK = 5
-
-
-def load_predictor(path: Path):
-    from tlkit.predict import Predictor
-
-    return Predictor.from_checkpoint(path, device="auto")
 
 
 def predict(predictor, image, topk: int = TOPK, explain: bool = True) -> dict:
@@ -55,20 +39,13 @@ def predict(predictor, image, topk: int = TOPK, explain: bool = True) -> dict:
 def build_demo(checkpoint: str | Path | None = None, *, preload: bool = True) -> gr.Blocks:
     """The Gradio app for `checkpoint` (default: the newest traffic-signs run, resolved on first use).
     `preload=True` with a checkpoint loads the model now; otherwise on the first request."""
-    service: Lazy = lazy_checkpoint(RECIPE, checkpoint, load_predictor)
-    meta = checkpoint_meta(checkpoint) if checkpoint else None
-    if checkpoint and preload:
-        service.get()
+    service, meta = model_service(RECIPE, checkpoint, preload=preload)
     examples = example_files(
         meta.get("data_root") if meta else None, "gtsrb", limit=8, class_ids=meta.get("class_ids") if meta else None
     )
 
     def on_submit(image_path):
-        try:
-            rgb = read_upload(image_path)
-        except UploadError as e:
-            raise gr.Error(str(e), title="Cannot use this image") from None
-        result = predict(service.get_for_request(), rgb)
+        result = predict(service.get_for_request(), upload_or_error(image_path))
         scores = {t["label"]: t["probability"] for t in result["topk"]}
         return scores, image_file(result["gradcam"], "gradcam")  # not the array: see image_file
 
