@@ -1,4 +1,5 @@
-"""Tests for tlkit.anomaly: clip IO, the PatchCore scorer on real UCSD Ped2 frames, post-processing.
+"""Tests for the anomaly task (tlkit.tasks.anomaly) and the clip IO it reads with (tlkit.data.clips): clip IO,
+the PatchCore scorer on real UCSD Ped2 frames, post-processing, live streaming.
 
 No pretrained weights exist offline, so the scorer runs on a randomly initialised resnet18 (fixed seed):
 random conv features still carry low-level structure, enough to separate a cyclist from pedestrians
@@ -16,20 +17,17 @@ import pytest
 import torch
 from PIL import Image
 
-from tlkit.anomaly import (
-    Clip,
+from tlkit.data.clips import Clip, iter_frames, list_frames, load_clips, read_video_frames
+from tlkit.metrics import choose_threshold, frame_auroc, normalize_per_clip
+from tlkit.paths import REPO_DIR, data_root
+from tlkit.tasks.anomaly import (
     PatchCoreScorer,
+    analyze_stream,
     choose_alert_threshold,
     evaluate_clips,
     find_events,
-    frame_auroc,
-    iter_frames,
-    load_clips,
-    normalize_per_clip,
-    read_video_frames,
     smooth_scores,
 )
-from tlkit.paths import REPO_DIR, data_root
 
 PED2 = data_root() / "ucsd_ped2"
 needs_data = pytest.mark.skipif(
@@ -131,7 +129,7 @@ def test_iter_frames_sources() -> None:
 
 def test_import_does_not_load_cv2() -> None:
     # cv2 must stay optional (GPU images may lack it): importing the module must not pull it in.
-    code = "import sys, tlkit.anomaly; print('cv2' in sys.modules, 'gradio' in sys.modules)"
+    code = "import sys, tlkit.tasks.anomaly; print('cv2' in sys.modules, 'gradio' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_DIR, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False"]
@@ -180,7 +178,7 @@ def test_scorer_separates_cyclist_frames(fitted) -> None:
 @needs_data
 def test_motion_stream_scores_frame_differences(tmp_path) -> None:
     # Runs of consecutive training frames, so every frame but a run's first has a real predecessor.
-    from tlkit.surveillance import training_clips
+    from tlkit.tasks.anomaly.train import training_clips
 
     runs = training_clips(load_clips(PED2 / "train"), max_frames=100)
     assert len(runs) == 5 and all(len(r) == 20 for r in runs)
@@ -331,5 +329,88 @@ def test_frame_auroc_and_per_clip_normalisation() -> None:
     assert frame_auroc(scores, labels) < 1.0
     assert frame_auroc(scores, labels, normalize_per_clip=True) == 1.0
     assert [s.tolist() for s in normalize_per_clip([[2.0, 4.0], [1.0, 1.0]])] == [[0.0, 1.0], [0.0, 0.0]]
-    with pytest.raises(ValueError, match="differ in length"):
+    with pytest.raises(ValueError, match="labels has 3"):
         frame_auroc([0.1, 0.2], [0, 1, 1])
+
+
+def test_threshold_rules_are_the_metrics_ones() -> None:
+    # One implementation: the alert threshold is `tlkit.metrics.choose_threshold`, which refuses nothing but
+    # falls back to 0.5 on one class; the alert version insists on both classes (raised above).
+    rng = np.random.default_rng(3)
+    labels = (rng.uniform(size=200) < 0.3).astype(int)
+    scores = labels + rng.normal(0, 0.8, size=200)
+    for method in ("youden", "f1"):
+        assert choose_alert_threshold(scores, labels, method) == choose_threshold(scores, labels, method)
+    # Youden's candidates are the scores themselves: never sklearn's +inf "no alerts" point, even for useless
+    # scores; ties go to the highest threshold.
+    assert choose_threshold([0.5, 0.5, 0.5, 0.5], [0, 1, 0, 1]) == 0.5
+    assert choose_threshold([0.9, 0.1], [0, 1]) == 0.1
+
+
+def test_frame_folders_use_the_project_image_types(tmp_path) -> None:
+    # One list of image types for datasets and clips (tlkit.data.io); hidden files (e.g. macOS "._001.jpg") are
+    # not frames.
+    for name in ("001.jpg", "002.webp", "003.PNG", "._004.jpg"):
+        Image.new("L", (8, 6)).save(tmp_path / name, format="PNG")
+    (tmp_path / "notes.txt").write_text("not a frame")
+    assert [p.name for p in list_frames(tmp_path)] == ["001.jpg", "002.webp", "003.PNG"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Task interface and live streaming
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_task_refuses_resume_and_pretrain() -> None:
+    from tlkit.config import load_recipe
+    from tlkit.tasks import get_task
+
+    task = get_task("anomaly")
+    assert task.name == "anomaly" and not task.supports
+    recipe = load_recipe("surveillance", {})
+    with pytest.raises(ValueError, match="cannot be resumed"):
+        task.train(recipe, resume="runs/x")
+    with pytest.raises(ValueError, match="no pretrain"):
+        task.train(recipe, kind="pretrain")
+
+
+def test_load_predictor_from_a_checkpoint_dict() -> None:
+    import timm
+
+    from tlkit.checkpoint import CheckpointError
+    from tlkit.tasks.anomaly import TASK
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, num_classes=0)
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) for _ in range(4)]
+    scorer = PatchCoreScorer(model, {**PREPROCESS, "img_size": 32}).fit(frames)
+    scorer.threshold = 1.5
+    ckpt = {"format": "tlkit", "task": "anomaly", "arch": "resnet18", "model": model.state_dict()}
+    ckpt["anomaly"] = scorer.state_dict()
+    loaded = TASK.load_predictor(ckpt, device="cpu")
+    assert loaded.threshold == 1.5
+    np.testing.assert_array_equal(loaded.score(frames), scorer.score(frames))
+    with pytest.raises(CheckpointError, match="not an anomaly checkpoint"):
+        TASK.load_predictor({**ckpt, "task": "classify"})
+
+
+def test_analyze_stream_snapshots_and_live_frames(fitted) -> None:
+    from tlkit.tasks.anomaly import Monitor, score_live_frame
+
+    scorer, scores, clip = fitted
+    monitor = Monitor(scorer=scorer, threshold=1.0, smooth_window=5, fps=10.0, grayscale=False, meta={})
+    frames = iter_frames(clip.frames[40:100])
+    snaps = list(analyze_stream(monitor, frames, 10.0, update_seconds=0.0, max_frames=40, batch_size=8))
+    assert [s["n"] for s in snaps] == [8, 16, 24, 32, 40, 40] and snaps[-1]["done"] and snaps[-1]["truncated"]
+    last = snaps[-1]
+    np.testing.assert_allclose(last["scores"], scores[40:80], rtol=1e-5, atol=1e-5)
+    assert last["events"] == find_events(smooth_scores(last["scores"], 5), 1.0, fps=10.0, first_frame=0)
+    assert last["peak"]["score"] == last["scores"].max() and last["peak"]["grid"].ndim == 2
+    with pytest.raises(ValueError, match="no frames"):
+        list(analyze_stream(monitor, [], 10.0))
+    # Webcam: one frame at a time, each scored together with the one before it (motion needs a pair).
+    history = None
+    for frame in iter_frames(clip.frames[60:63]):
+        live, smoothed, alarm, history = score_live_frame(monitor, frame, history)
+    assert len(live) == len(smoothed) == 3 and isinstance(alarm, bool)

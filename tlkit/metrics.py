@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 __all__ = [
     "classification_metrics",
@@ -25,6 +25,7 @@ __all__ = [
     "nll",
     "most_confused_pairs",
     "frame_auroc",
+    "normalize_per_clip",
     "score_events",
 ]
 
@@ -218,7 +219,9 @@ def choose_threshold(
 ) -> float:
     """Decision threshold on the positive-class score (rule: positive iff score >= threshold).
 
-    method="youden": maximise sensitivity + specificity - 1 on the ROC curve (ties -> highest threshold).
+    method="youden": maximise sensitivity + specificity - 1 over the scores themselves (sklearn's extra
+    "nothing positive" point at +inf is not a candidate), ties -> highest threshold.
+    method="f1": maximise the F1 of the positive class (ties -> lowest threshold), e.g. for alerts.
     method="sensitivity": the highest threshold whose sensitivity is >= `target_sensitivity`,
     i.e. the most specific operating point that still catches the required share of positives.
     `targets` are binary (1/True = positive). Falls back to 0.5 when the needed class is missing.
@@ -229,17 +232,17 @@ def choose_threshold(
         raise ValueError(f"pos_probs has {s.size} entries but targets has {y.size}")
     n_pos = int(y.sum())
 
-    if method == "youden":
+    if method in ("youden", "f1"):
         if n_pos == 0 or n_pos == y.size:
             warnings.warn("choose_threshold: only one class present, returning 0.5", stacklevel=2)
             return 0.5
-        fpr, tpr, thr = roc_curve(y, s, drop_intermediate=False)
-        best = int(np.argmax(tpr - fpr))  # first maximum = highest threshold among ties
-        value = float(thr[best])
-        if not math.isfinite(value):
-            # sklearn's first ROC point uses +inf ("predict nothing positive"); keep it finite for JSON.
-            value = float(np.nextafter(s.max(), np.inf))
-        return value
+        if method == "youden":
+            fpr, tpr, thr = roc_curve(y, s)
+            best = int(np.argmax((tpr - fpr)[1:])) + 1  # thr[0] is +inf; the first maximum is the highest score
+            return float(thr[best])
+        precision, recall, thr = precision_recall_curve(y, s)
+        f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+        return float(thr[int(np.argmax(f1))])
 
     if method == "sensitivity":
         if not 0.0 < target_sensitivity <= 1.0:
@@ -253,7 +256,7 @@ def choose_threshold(
         need = max(1, math.ceil(target_sensitivity * n_pos - 1e-9))
         return float(pos_sorted[need - 1])
 
-    raise ValueError(f"unknown method {method!r}; use 'youden' or 'sensitivity'")
+    raise ValueError(f"unknown method {method!r}; use 'youden', 'f1' or 'sensitivity'")
 
 
 def fit_temperature(
@@ -315,39 +318,65 @@ def most_confused_pairs(confusion: Any, class_names: Sequence[str], k: int = 10)
     ]
 
 
-def frame_auroc(scores: Any, labels: Any) -> float | None:
-    """Frame-level AUROC of anomaly scores against 0/1 labels (1 = abnormal); None if one class only."""
-    s = _to_numpy(scores, np.float64).reshape(-1)
-    y = _to_numpy(labels).reshape(-1).astype(bool)
+def normalize_per_clip(per_clip_scores: Sequence[Any]) -> list[np.ndarray]:
+    """Min-max normalise each clip's scores to [0, 1], the usual video-anomaly protocol (e.g. Liu et al.
+    2018). It hides between-clip offsets (crowd density, lighting) but needs the whole clip, so it is an
+    offline evaluation convention, not something a live alert can do."""
+    out = []
+    for s in per_clip_scores:
+        s = _to_numpy(s, np.float64).reshape(-1)
+        span = s.max() - s.min() if s.size else 0.0
+        out.append((s - s.min()) / span if span > 0 else np.zeros_like(s))
+    return out
+
+
+def frame_auroc(scores: Any, labels: Any, normalize_per_clip: bool = False) -> float | None:
+    """Frame-level AUROC of anomaly scores against 0/1 labels (1 = abnormal); None if one class only.
+
+    `scores` / `labels` are flat sequences or lists of per-clip arrays (concatenated); with
+    `normalize_per_clip=True` each clip's scores are min-max normalised first (needs per-clip lists).
+    Frames without a score (NaN, e.g. the warm-up of a temporal model) are skipped.
+    """
+    per_clip = len(scores) > 0 and np.ndim(scores[0]) == 1
+    if normalize_per_clip:
+        if not per_clip:
+            raise ValueError("normalize_per_clip needs a list of per-clip score arrays")
+        scores = _normalize_clips(scores)
+    if per_clip:
+        s = np.concatenate([_to_numpy(c, np.float64).reshape(-1) for c in scores])
+        y = np.concatenate([_to_numpy(c).reshape(-1) for c in labels]).astype(bool)
+    else:
+        s = _to_numpy(scores, np.float64).reshape(-1)
+        y = _to_numpy(labels).reshape(-1).astype(bool)
     if s.shape != y.shape:
         raise ValueError(f"scores has {s.size} frames but labels has {y.size}")
-    finite = np.isfinite(s)  # frames without a score (e.g. warm-up of a temporal model) are skipped
+    finite = np.isfinite(s)
     s, y = s[finite], y[finite]
     if y.all() or not y.any():
         return None
     return float(roc_auc_score(y, s))
 
 
+_normalize_clips = normalize_per_clip  # the frame_auroc flag shadows the function name inside it
+
+
 def score_events(scores: Any, threshold: float, min_length: int = 1, merge_gap: int = 0) -> list[tuple[int, int]]:
     """Contiguous runs of frames with score >= threshold as (start, end) with end exclusive.
 
-    Runs separated by at most `merge_gap` frames are merged; runs shorter than `min_length` dropped,
-    which suppresses single-frame flicker.
+    Runs separated by at most `merge_gap` frames below threshold are merged first (one cyclist should be
+    one alert), then runs shorter than `min_length` are dropped (single-frame flicker). NaN is below.
     """
     s = _to_numpy(scores, np.float64).reshape(-1)
-    above = np.nan_to_num(s, nan=-np.inf) >= threshold
-    events: list[list[int]] = []
-    i = 0
-    while i < above.size:
-        if above[i]:
-            j = i
-            while j < above.size and above[j]:
-                j += 1
-            if events and i - events[-1][1] <= merge_gap:
-                events[-1][1] = j
-            else:
-                events.append([i, j])
-            i = j
+    with np.errstate(invalid="ignore"):
+        above = s >= threshold
+    if not above.any():
+        return []
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], above.astype(np.int8), [0]])))
+    runs = [[int(a), int(b)] for a, b in zip(edges[::2], edges[1::2], strict=True)]
+    merged = [runs[0]]
+    for start, end in runs[1:]:
+        if start - merged[-1][1] <= merge_gap:
+            merged[-1][1] = end
         else:
-            i += 1
-    return [(a, b) for a, b in events if b - a >= min_length]
+            merged.append([start, end])
+    return [(a, b) for a, b in merged if b - a >= min_length]

@@ -10,12 +10,8 @@ scorer loads on the first request, or in `build_demo(checkpoint)`.
 from __future__ import annotations
 
 import os
-import re
-import time
-from collections import deque
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tlkit.paths import data_root, set_offline_env
 
@@ -24,7 +20,10 @@ set_offline_env()  # before gradio is imported
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tlkit.demo import Lazy, app_main, checkpoint_meta, describe_error, lazy_checkpoint  # noqa: E402
+from tlkit.demo import Lazy, app_main, checkpoint_meta, describe_error, image_file, lazy_checkpoint  # noqa: E402
+
+if TYPE_CHECKING:
+    from tlkit.tasks.anomaly import Monitor
 
 RECIPE = "surveillance"
 CONCURRENCY = 1  # scoring is CPU-heavy: one video at a time, others wait in the queue
@@ -34,112 +33,11 @@ BATCH = 8
 ALERT_COLUMNS = ["start (s)", "end (s)", "duration (s)", "peak score", "peak at (s)", "frames"]
 
 
-@dataclass
-class Monitor:
-    """A fitted scorer and the settings its threshold was chosen with."""
-
-    scorer: object  # tlkit.anomaly.PatchCoreScorer
-    threshold: float | None
-    smooth_window: int
-    fps: float
-    grayscale: bool
-    meta: dict
-
-
 def load_monitor(path: Path) -> Monitor:
-    from tlkit.checkpoint import CheckpointError, load_tlkit_checkpoint
-    from tlkit.surveillance import scorer_from_checkpoint
+    # The scoring code (torch, the scorer) is imported on first use, not when the page is built.
+    from tlkit.tasks.anomaly import stream
 
-    ckpt = load_tlkit_checkpoint(path)
-    if ckpt.get("task") != "anomaly":
-        raise CheckpointError(
-            f"{Path(path).name} is a {ckpt.get('task', 'classify')} checkpoint; the surveillance demo needs an "
-            "anomaly checkpoint (`tlkit finetune --recipe surveillance`)"
-        )
-    scorer = scorer_from_checkpoint(ckpt, device="auto")
-    cfg = ckpt.get("recipe", {}).get("anomaly") or {}
-    threshold = ckpt.get("threshold", scorer.threshold)
-    return Monitor(
-        scorer=scorer,
-        threshold=None if threshold is None else float(threshold),
-        smooth_window=int(cfg.get("smooth_window", 9)),
-        fps=float(cfg.get("fps", 10.0)),
-        grayscale=bool(ckpt.get("preprocessing", {}).get("grayscale", False)),
-        meta={k: v for k, v in ckpt.items() if k not in ("model", "anomaly")},
-    )
-
-
-# ---- pure streaming analysis ---------------------------------------------------------------------------
-
-
-def _grey(frame: np.ndarray) -> np.ndarray:
-    y = (frame[..., 0] * 0.299 + frame[..., 1] * 0.587 + frame[..., 2] * 0.114).round().astype(np.uint8)
-    return np.repeat(y[:, :, None], 3, axis=2)
-
-
-def analyze_stream(
-    monitor: Monitor, frames: Iterable[np.ndarray], fps: float, *, update_seconds: float = UPDATE_SECONDS
-) -> Iterator[dict]:
-    """Score frames as they arrive; after the first batch, then at most every `update_seconds` (and at the end)
-    yield a snapshot:
-    `{"n", "fps", "window", "scores", "smoothed", "events", "peak": {"index", "t", "score", "frame"}, "speed",
-    "done", "truncated"}`. Events use the checkpoint's smoothing window and threshold; times are seconds from
-    the first frame. Snapshots are built only when due: smoothing and events cover every score so far."""
-    from tlkit.anomaly import find_events, smooth_scores
-
-    pending: deque[np.ndarray] = deque()
-    truncated = False
-
-    def tap() -> Iterator[np.ndarray]:
-        nonlocal truncated
-        for i, frame in enumerate(frames):
-            if i >= MAX_FRAMES:
-                truncated = True
-                return
-            frame = _grey(frame) if monitor.grayscale and frame.ndim == 3 else frame
-            pending.append(frame)
-            yield frame
-
-    scores: list[float] = []
-    peak: dict | None = None
-    t0 = time.perf_counter()
-    last_snapshot = -float("inf")
-
-    def snapshot(done: bool) -> dict:
-        smoothed = smooth_scores(scores, monitor.smooth_window) if scores else np.zeros(0)
-        events = (
-            find_events(smoothed, monitor.threshold, fps=fps, first_frame=0)
-            if monitor.threshold is not None and scores
-            else []
-        )
-        return {
-            "n": len(scores),
-            "fps": fps,
-            "window": monitor.smooth_window,
-            "scores": np.asarray(scores),
-            "smoothed": smoothed,
-            "events": events,
-            "peak": peak,
-            "speed": len(scores) / max(time.perf_counter() - t0, 1e-9),
-            "done": done,
-            "truncated": truncated,
-        }
-
-    for score, grid in monitor.scorer.iter_scores(tap(), batch_size=BATCH, grids=True):
-        frame = pending.popleft()
-        scores.append(float(score))
-        if peak is None or score > peak["score"]:
-            # The patch grid is kept so the heat map needs no second pass over the frame.
-            peak = {
-                "index": len(scores) - 1, "t": (len(scores) - 1) / fps, "score": float(score), "frame": frame,
-                "grid": grid,
-            }  # fmt: skip
-        if len(scores) % BATCH == 0 and time.perf_counter() - last_snapshot >= update_seconds:
-            last_snapshot = time.perf_counter()
-            yield snapshot(False)
-    if not scores:
-        raise ValueError("no frames could be read")
-    yield snapshot(True)
+    return stream.load_monitor(path, device="auto")
 
 
 def peak_heatmap(monitor: Monitor, frame: np.ndarray, grid: np.ndarray) -> np.ndarray:
@@ -201,50 +99,6 @@ def score_figure(snap: dict, threshold: float | None, expected_seconds: float | 
     return fig
 
 
-# ---- inputs ---------------------------------------------------------------------------------------------
-
-
-def _natural_key(path: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", Path(path).name))
-
-
-def open_source(video: str | None, files: list | None) -> tuple[Iterator[np.ndarray], float | None, int | None]:
-    """(frame iterator, fps or None if unknown, frame count if known) for an uploaded video or frame files;
-    ValueError with a message for the user when nothing usable was given."""
-    from tlkit.anomaly import iter_frames, read_video_frames
-
-    if video:
-        name = Path(video).name
-        try:
-            _, fps = read_video_frames(video, max_frames=1)  # checks it decodes, and reads its fps
-        except (ValueError, OSError) as e:
-            raise ValueError(describe_error(e, video).replace(f"video {name}", f"this video ({name})")) from None
-        count = None
-        try:
-            import cv2
-
-            cap = cv2.VideoCapture(str(video))
-            count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or None
-            cap.release()
-        except Exception:  # the count is only for the progress line
-            count = None
-        return iter_frames(video), fps, count
-    paths = sorted((str(getattr(f, "name", f)) for f in files or []), key=_natural_key)
-    if not paths:
-        raise ValueError("no input: upload a video (or a set of frame images) first, or pick the example")
-
-    def frames() -> Iterator[np.ndarray]:
-        from tlkit.anomaly import load_frame
-
-        for p in paths:
-            try:
-                yield load_frame(p)
-            except Exception as e:  # PIL raises several types for non-images and broken files
-                raise ValueError(f"{Path(p).name}: not a readable image ({describe_error(e, p)})") from None
-
-    return frames(), None, len(paths)
-
-
 def status_line(snap: dict, total: int | None) -> str:
     n, fps = snap["n"], snap["fps"]
     of = f"/{total}" if total and not snap["done"] else ""
@@ -274,6 +128,8 @@ def build_demo(checkpoint: str | Path | None = None, *, preload: bool = True) ->
     empty_alerts = {"headers": ALERT_COLUMNS, "data": []}
 
     def on_analyze(video, files):
+        from tlkit.tasks.anomaly import analyze_stream, open_source
+
         try:
             frames, fps, total = open_source(video, files)
         except ValueError as e:
@@ -283,15 +139,21 @@ def build_demo(checkpoint: str | Path | None = None, *, preload: bool = True) ->
         expected = total / fps if total else None
         peak_index = None
         try:
-            for snap in analyze_stream(monitor, frames, fps):
+            stream = analyze_stream(
+                monitor, frames, fps, update_seconds=UPDATE_SECONDS, max_frames=MAX_FRAMES, batch_size=BATCH
+            )
+            for snap in stream:
                 peak = snap["peak"]
                 # Unchanged images are not sent again while streaming; the final update carries everything.
                 peak_frame, peak_map = gr.skip(), gr.skip()
                 if peak is not None and (peak["index"] != peak_index or snap["done"]):
                     if peak["index"] != peak_index:
-                        peak_index, overlay = peak["index"], peak_heatmap(monitor, peak["frame"], peak["grid"])
+                        # files, not arrays: the final update repeats the images (see image_file)
+                        peak_index = peak["index"]
+                        frame_png = image_file(peak["frame"], "peak_frame")
+                        overlay = image_file(peak_heatmap(monitor, peak["frame"], peak["grid"]), "peak_heatmap")
                     caption = f"Most abnormal frame: t = {peak['t']:.1f} s, score {peak['score']:.2f}"
-                    peak_frame, peak_map = gr.Image(value=peak["frame"], label=caption), overlay
+                    peak_frame, peak_map = gr.Image(value=frame_png, label=caption), overlay
                 yield (
                     status_line(snap, total),
                     score_figure(snap, monitor.threshold, expected),
@@ -356,25 +218,18 @@ def build_demo(checkpoint: str | Path | None = None, *, preload: bool = True) ->
         )
 
         def on_webcam(frame, history):
-            scores, previous = history or ([], None)
             if frame is None:
                 return gr.skip(), gr.skip(), history
-            monitor = service.get_for_request()
-            from tlkit.anomaly import smooth_scores
+            from tlkit.tasks.anomaly import score_live_frame
 
-            frame = _grey(frame) if monitor.grayscale else frame
-            # The previous frame is scored with it, so the motion stream sees a real frame difference.
-            pair = [previous, frame] if previous is not None and previous.shape == frame.shape else [frame]
-            scores = (list(scores) + [float(monitor.scorer.score(pair)[-1])])[-300:]
-            smoothed = smooth_scores(scores, monitor.smooth_window, causal=True)
+            monitor = service.get_for_request()
+            scores, smoothed, alarm, history = score_live_frame(monitor, frame, history)
             snap = {
                 "n": len(scores), "fps": 2.0, "window": monitor.smooth_window, "scores": np.asarray(scores),
-            "smoothed": smoothed,
-                "events": [], "peak": None, "speed": 0.0, "done": False, "truncated": False,
+                "smoothed": smoothed, "events": [], "peak": None, "speed": 0.0, "done": False, "truncated": False,
             }  # fmt: skip
-            alarm = monitor.threshold is not None and smoothed[-1] >= monitor.threshold
             text = f"score {scores[-1]:.2f}, smoothed {smoothed[-1]:.2f}" + (" - ALERT" if alarm else "")
-            return score_figure(snap, monitor.threshold), text, (scores, frame)
+            return score_figure(snap, monitor.threshold), text, history
 
         cam.stream(
             on_webcam,

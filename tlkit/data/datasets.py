@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from tlkit.data.clips import load_clips
 from tlkit.data.io import ImageDecodeError, is_image_file, load_rgb_array
 
 log = logging.getLogger("tlkit.data")
@@ -133,8 +134,6 @@ def _clip_pairs(
     split_dir: Path, only: Collection[str] | None, skip: Collection[str]
 ) -> tuple[list[tuple[Path, str]], list[str]]:
     """(frame, normal|abnormal) pairs of the clips in `split_dir`: those in `only` (all if None), minus `skip`."""
-    from tlkit.anomaly import load_clips  # the clip reader (labels.csv keyed by frame number) lives there
-
     try:
         clips = load_clips(split_dir)
     except ValueError as e:

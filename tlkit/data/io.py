@@ -23,6 +23,7 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 # Never return half-decoded images silently: a truncated file is an error we count.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
+# The one list of image file types for the whole project: datasets, prediction folders, video frame folders.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
 
 
