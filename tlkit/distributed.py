@@ -60,6 +60,22 @@ def all_gather_cat(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return torch.cat([g[: int(s.item())] for g, s in zip(gathered, sizes, strict=True)])
 
 
+def broadcast_tensors(tensors, info: DistInfo, src: int = 0) -> None:
+    """Overwrite these tensors, in place on every rank, with rank `src`'s values."""
+    if info.enabled:
+        for tensor in tensors:
+            dist.broadcast(tensor, src=src)
+
+
+def all_gather_object(obj, info: DistInfo) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def broadcast_object(obj, info: DistInfo):
     if not info.enabled:
         return obj

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -26,7 +27,15 @@ from tlkit.checkpoint import CheckpointError, load_tlkit_checkpoint, save_checkp
 from tlkit.config import Recipe, to_dict, to_yaml
 from tlkit.data.loader import build_datasets, class_weights, make_loader
 from tlkit.data.transforms import Preprocessing, norm_tensors, normalize, preprocessing_for, train_transform
-from tlkit.distributed import DistInfo, all_gather_cat, all_reduce_sum, broadcast_object, init_distributed
+from tlkit.distributed import (
+    DistInfo,
+    all_gather_cat,
+    all_gather_object,
+    all_reduce_sum,
+    broadcast_object,
+    broadcast_tensors,
+    init_distributed,
+)
 from tlkit.models import build_model
 from tlkit.optim import ModelEma, build_optimizer, build_scheduler
 from tlkit.paths import git_sha, runs_dir
@@ -543,6 +552,11 @@ def fit(recipe: Recipe, *, kind: str = "pretrain", resume: str | Path | None = N
                 partial=resumed.get("partial") if resumed and step0 else None,
             )
             train_loader.sampler.start = 0
+            # DDP hands rank 0's buffers to every rank at each forward, so a rank's own BatchNorm statistics never
+            # reach training, but they are what it evaluates with: all ranks take rank 0's, the ones saved. The
+            # same for the EMA, which each rank started from its own init (seeded per rank) and updates with its
+            # own BatchNorm statistics: validation on every rank uses what rank 0 saves.
+            broadcast_tensors([*unwrap(model).buffers(), *(ema.shadow.values() if ema else ())], info)
             total_skipped += stats["skipped"]
             row = {
                 "epoch": epoch,
@@ -575,7 +589,8 @@ def fit(recipe: Recipe, *, kind: str = "pretrain", resume: str | Path | None = N
                 console.print(_epoch_line(row))
 
     total_skipped = sum(int(row.get("skipped", 0)) for row in history)  # epochs before a resume too
-    in_sync = _ranks_in_sync(model, info)
+    digests = all_gather_object(state_digest(unwrap(model).state_dict()), info)
+    in_sync = len(set(digests)) == 1
     writer.close(history)
     result = RunResult(
         run_dir,
@@ -587,6 +602,7 @@ def fit(recipe: Recipe, *, kind: str = "pretrain", resume: str | Path | None = N
         total_skipped,
         extras={
             "ranks_in_sync": in_sync,
+            "weights_sha256": digests,
             "world_size": info.world,
             "init": init_info,
             "bundle": data,
@@ -604,6 +620,8 @@ def fit(recipe: Recipe, *, kind: str = "pretrain", resume: str | Path | None = N
             "skipped_images": total_skipped,
             "world_size": info.world,
             "ranks_in_sync": in_sync,
+            # each rank's final weights and buffers (`state_digest`): equal to the digest of last.pt's `model`
+            "weights_sha256": digests,
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if total_skipped:
@@ -631,13 +649,14 @@ def _progressive_size(recipe: Recipe, epoch: int) -> int:
     return min(full, int(round(size / 8)) * 8 or 8)  # multiples of 8 keep strided stages aligned
 
 
-def _ranks_in_sync(model: nn.Module, info: DistInfo) -> bool:
-    """DDP sanity check: every rank ends with identical weights (checksum compared across ranks)."""
-    if not info.enabled:
-        return True
-    checksum = torch.stack([p.detach().double().sum() for p in unwrap(model).parameters()]).sum().reshape(1)
-    gathered = all_gather_cat(checksum.to(next(model.parameters()).device), info)
-    return bool(torch.allclose(gathered, gathered[0].expand_as(gathered), rtol=0, atol=1e-6))
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict: each key, then its tensor's bytes in logical (contiguous) order. Every rank of a
+    DDP run reports its own at the end (`summary.json: weights_sha256`); in sync, they all equal last.pt's."""
+    h = hashlib.sha256()
+    for key, value in state.items():
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _epoch_line(row: dict) -> str:
