@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import re
 import sys
 import threading
 import warnings
@@ -110,18 +109,6 @@ def model_service(recipe: str, checkpoint: str | Path | None, *, preload: bool) 
 # ---- uploads ------------------------------------------------------------------------------------------
 
 
-def describe_error(error: BaseException, source: str | Path | None = None) -> str:
-    """One line for the user: no temp-file paths, no Python object reprs."""
-    lines = str(error).strip().splitlines()
-    text = lines[0] if lines else type(error).__name__
-    if source is not None:
-        text = text.replace(str(source), Path(source).name)
-    text = re.sub(r"cannot identify image file .*", "not an image file (unknown or unsupported format)", text)
-    if re.search(r"truncated|premature end|broken data stream", text, re.IGNORECASE):
-        text = f"corrupt or truncated image file ({text})"
-    return re.sub(r"/\S*/(gradio|tmp)\S*/", "", text)
-
-
 def read_upload(path: str | Path | None, max_pixels: int = MAX_UPLOAD_PIXELS):
     """An uploaded image file -> HxWx3 uint8 RGB array, or `UploadError` with a message for the user.
 
@@ -129,7 +116,7 @@ def read_upload(path: str | Path | None, max_pixels: int = MAX_UPLOAD_PIXELS):
     import numpy as np
     from PIL import Image
 
-    from tlkit.data.io import ImageDecodeError, load_rgb_array
+    from tlkit.data.io import ImageDecodeError, describe_error, load_rgb_array
 
     if path is None or str(path) == "":
         raise UploadError("no image: upload one (or click an example) first")

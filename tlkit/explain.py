@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from tlkit.data.io import ImageDecodeError, load_rgb_array
-from tlkit.predict import ImageInput, Predictor, error_message, expand_paths
+from tlkit.data.io import ImageDecodeError, describe_error, load_rgb_array
+from tlkit.predict import ImageInput, Predictor, expand_paths
 
 log = logging.getLogger("tlkit.explain")
 
@@ -172,7 +172,7 @@ def explain_files(
         try:
             _, overlay = gradcam(predictor, path, target_index)
         except (ImageDecodeError, OSError) as e:
-            log.warning("skipped %s: %s", path, error_message(e, path))
+            log.warning("skipped %s: %s", path, describe_error(e, path))
             continue
         name, n = f"{path.stem}_gradcam.png", 1
         while name in used:  # same stem from two folders: keep both

@@ -6,7 +6,6 @@ read from the checkpoint, so a prediction here matches what `tlkit evaluate` mea
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 from PIL import Image
 
 from tlkit.checkpoint import load_tlkit_checkpoint, resolve_checkpoint, strip
-from tlkit.data.io import ImageDecodeError, is_image_file, load_rgb_array
+from tlkit.data.io import ImageDecodeError, describe_error, is_image_file, load_rgb_array
 from tlkit.data.transforms import Preprocessing, eval_transform, norm_tensors, normalize
 
 ImageInput = str | Path | bytes | Image.Image | np.ndarray
@@ -200,15 +199,6 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
     return out
 
 
-def error_message(error: Exception, source: str | Path | None = None) -> str:
-    """One line, without the `<file>: ` prefix (the file is named beside it) or Python object reprs."""
-    lines = str(error).strip().splitlines()
-    text = lines[0] if lines else type(error).__name__
-    if source is not None:
-        text = text.removeprefix(f"{source}: ")
-    return re.sub(r"cannot identify image file .*", "not an image file (unknown or unsupported format)", text)
-
-
 def predict_files(
     checkpoint: str | Path, paths: Iterable[str | Path], topk: int = 5, device: str = "auto", batch_size: int = 32
 ) -> Iterator[dict]:
@@ -230,7 +220,7 @@ def _predict_lines(predictor: Predictor, files: list[Path], topk: int, batch_siz
                 crops.append(predictor.crop(f))
             except (ImageDecodeError, OSError, ValueError) as e:
                 crops.append(None)
-                errors[i] = error_message(e, f)
+                errors[i] = describe_error(e, f)
         good = [c for c in crops if c is not None]
         probs = iter(predictor.probabilities(predictor.to_tensor(good)).cpu().numpy() if good else [])
         for i, f in enumerate(chunk):

@@ -20,7 +20,8 @@ set_offline_env()  # before gradio is imported
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tlkit.demo import Lazy, app_main, checkpoint_meta, describe_error, image_file, lazy_checkpoint  # noqa: E402
+from tlkit.data.io import describe_error  # noqa: E402
+from tlkit.demo import Lazy, app_main, checkpoint_meta, image_file, lazy_checkpoint  # noqa: E402
 
 if TYPE_CHECKING:
     from tlkit.tasks.anomaly import Monitor

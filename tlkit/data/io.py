@@ -8,6 +8,7 @@ raises `ImageDecodeError` with a one-line reason, so datasets can skip and count
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from pathlib import Path
 
@@ -97,3 +98,18 @@ def open_image(source: str | Path | bytes | Image.Image | np.ndarray) -> Image.I
 def load_rgb_array(source: str | Path | bytes | Image.Image | np.ndarray) -> np.ndarray:
     """HxWx3 uint8 RGB array (the format albumentations expects)."""
     return np.array(open_image(source))  # a writable copy: torch.from_numpy warns on read-only arrays
+
+
+def describe_error(error: BaseException, source: str | Path | None = None) -> str:
+    """The one-line reason an input could not be used, for `tlkit predict`/`explain` lines and the demos: the
+    first line only, the file named by its name (not a temp path, not repeated as a `<file>: ` prefix), PIL's
+    and libjpeg's wording turned into what the user can act on, no Python object reprs."""
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else type(error).__name__
+    if source is not None:
+        text = text.removeprefix(f"{source}: ").replace(str(source), Path(source).name)
+    text = re.sub(r"cannot identify image file .*", "not an image file (unknown or unsupported format)", text)
+    if re.search(r"truncated|premature end|broken data stream", text, re.IGNORECASE):
+        text = f"corrupt or truncated image file ({text})"
+    text = re.sub(r"<_io\.\w+ name=['\"]?([^'\">]*)['\"]?>", lambda m: Path(m.group(1)).name, text)
+    return re.sub(r"/\S*/(gradio|tmp)\S*/", "", text)

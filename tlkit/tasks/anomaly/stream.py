@@ -146,7 +146,7 @@ def score_live_frame(
 def open_source(video: str | None, files: list | None) -> tuple[Iterator[np.ndarray], float | None, int | None]:
     """(frame iterator, fps or None if unknown, frame count if known) for an uploaded video or frame files
     (taken in natural name order); ValueError with a message for the user when nothing usable was given."""
-    from tlkit.demo import describe_error
+    from tlkit.data.io import describe_error
 
     if video:
         name = Path(video).name
