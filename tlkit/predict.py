@@ -185,6 +185,11 @@ class Predictor:
         return results
 
 
+def load_predictor(checkpoint: str | Path, device: str = "auto") -> Predictor:
+    """The classification task's predictor (the task table's `load_predictor`)."""
+    return Predictor.from_checkpoint(checkpoint, device=device)
+
+
 # ---- `tlkit predict` ------------------------------------------------------------------------------------
 
 

@@ -53,19 +53,9 @@ def run_training(
     return task_of(recipe).train(recipe, kind=kind, resume=resume, quiet=quiet)
 
 
-def evaluate_checkpoint(
-    checkpoint: str | Path,
-    data: str | Path,
-    *,
-    split: str = "val",
-    out: Path | None = None,
-    batch_size: int = 64,
-    device: str = "auto",
-    quiet: bool = False,
-) -> dict:
-    """`tlkit evaluate`: the checkpoint's task writes metrics.json + report for a labelled split of `data`."""
+def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, **options) -> dict:
+    """`tlkit evaluate`: the checkpoint's task writes metrics.json + report for a labelled split of `data`
+    (options: split, out, batch_size, device, quiet; see the task's `evaluate`)."""
     path = resolve_checkpoint(checkpoint)
     ckpt = load_tlkit_checkpoint(path)
-    return task_of(ckpt).evaluate(
-        ckpt, path, data, split=split, out=out, batch_size=batch_size, device=device, quiet=quiet
-    )
+    return task_of(ckpt).evaluate(ckpt, path, data, **options)

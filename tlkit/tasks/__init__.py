@@ -36,6 +36,18 @@ class Task:
     supports: frozenset[str] = field(default_factory=frozenset)
 
 
+def lazy(module: str, name: str) -> Callable[..., Any]:
+    """`module.name`, imported on first call: a task's table row names its functions without importing its
+    training or evaluation code (and their dependencies) until a command needs them."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = f"{module}.{name}, imported on first call."
+    return call
+
+
 class TaskError(ValueError):
     """A task that does not exist, or a command that does not apply to a task; one line."""
 

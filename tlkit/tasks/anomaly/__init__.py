@@ -15,9 +15,7 @@ Frames, clips and videos are read by `tlkit.data.clips`; generic metrics are in 
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from tlkit.tasks import Task
+from tlkit.tasks import Task, lazy
 from tlkit.tasks.anomaly.bank import greedy_coreset
 from tlkit.tasks.anomaly.post import choose_alert_threshold, find_events, smooth_scores
 from tlkit.tasks.anomaly.scorer import PatchCoreScorer, default_feature_layers, load_scorer
@@ -51,35 +49,16 @@ __all__ = [
 ]
 
 
-# `_train` / `_evaluate`, not `train` / `evaluate`: importing the submodule `train` would replace a package
-# attribute of that name. Both import lazily, so using the scorer does not import the training code.
-def _train(recipe, *, kind: str = "finetune", resume=None, quiet: bool = False) -> Path:
-    from tlkit.tasks.anomaly.train import train
-
-    return train(recipe, kind=kind, resume=resume, quiet=quiet)
-
-
-def _evaluate(
-    ckpt: dict,
-    checkpoint: Path,
-    data,
-    *,
-    split: str = "val",
-    out: Path | None = None,
-    batch_size: int = 64,
-    device: str = "auto",
-    quiet: bool = False,
-) -> dict:
-    from tlkit.tasks.anomaly.val import evaluate_checkpoint
-
-    return evaluate_checkpoint(
-        ckpt, checkpoint, data, split=split, out=out, batch_size=batch_size, device=device, quiet=quiet
-    )
-
-
 def load_predictor(checkpoint, device: str = "auto") -> PatchCoreScorer:
     """The fitted scorer of an anomaly checkpoint (path, run folder or loaded dict): what the demo runs."""
     return load_scorer(checkpoint, device=device)
 
 
-TASK = Task(name="anomaly", train=_train, evaluate=_evaluate, load_predictor=load_predictor, supports=frozenset())
+# train/evaluate import on first call, so using the scorer (the demo) does not import the training code
+TASK = Task(
+    name="anomaly",
+    train=lazy("tlkit.tasks.anomaly.train", "train"),
+    evaluate=lazy("tlkit.tasks.anomaly.val", "evaluate_checkpoint"),
+    load_predictor=load_predictor,
+    supports=frozenset(),
+)

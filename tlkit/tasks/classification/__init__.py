@@ -1,34 +1,18 @@
-"""Classification: supervised training through the engine, calibrated evaluation, `Predictor` inference."""
+"""Classification: supervised training through the engine, calibrated evaluation, `Predictor` inference.
+
+- `train`: the engine's fit, then one post-training pass on val (calibration for fine-tunes, the report);
+- `val`: evaluate a checkpoint on a labelled split, calibration, metrics at the stored threshold;
+- inference is `tlkit.predict.Predictor` (Grad-CAM in `tlkit.explain`, export in `tlkit.export`).
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from tlkit.tasks import Task
-
-
-def _train(recipe, *, kind: str = "pretrain", resume=None, quiet: bool = False) -> Path:
-    from tlkit.tasks.classification.train import train
-
-    return train(recipe, kind=kind, resume=resume, quiet=quiet)
-
-
-def _evaluate(ckpt: dict, checkpoint: Path, data, **kwargs) -> dict:
-    from tlkit.tasks.classification.val import evaluate_checkpoint
-
-    return evaluate_checkpoint(ckpt, checkpoint, data, **kwargs)
-
-
-def _load_predictor(checkpoint, device: str = "auto"):
-    from tlkit.predict import Predictor
-
-    return Predictor.from_checkpoint(checkpoint, device=device)
-
+from tlkit.tasks import Task, lazy
 
 TASK = Task(
     name="classify",
-    train=_train,
-    evaluate=_evaluate,
-    load_predictor=_load_predictor,
+    train=lazy("tlkit.tasks.classification.train", "train"),
+    evaluate=lazy("tlkit.tasks.classification.val", "evaluate_checkpoint"),
+    load_predictor=lazy("tlkit.predict", "load_predictor"),
     supports=frozenset({"predict", "export", "lr-find", "explain"}),
 )
