@@ -221,13 +221,8 @@ def plot_roc_pr(
     ax.plot([0, 1], [0, 1], ls="--", color="gray", lw=1, label="chance")
     if threshold is not None:
         ax.plot([fpr], [tpr], "o", color="crimson", label=f"threshold {threshold:.3g}")
-    ax.set_xlabel("false positive rate (1 - specificity)")
-    ax.set_ylabel("true positive rate (sensitivity)")
+    _unit_square(ax, "false positive rate (1 - specificity)", "true positive rate (sensitivity)", "lower right")
     ax.set_title(f"ROC, positive = {positive_name}")
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=9)
     roc_png = _save(fig, out_dir / "roc.png")
 
     prec_c, rec_c, _ = precision_recall_curve(y, s)
@@ -237,15 +232,20 @@ def plot_roc_pr(
     ax.axhline(y.mean(), ls="--", color="gray", lw=1, label=f"prevalence {y.mean():.3f}")
     if threshold is not None:
         ax.plot([tpr], [prec], "o", color="crimson", label=f"threshold {threshold:.3g}")
-    ax.set_xlabel("recall (sensitivity)")
-    ax.set_ylabel("precision (PPV)")
+    _unit_square(ax, "recall (sensitivity)", "precision (PPV)", "lower left")
     ax.set_title(f"Precision-recall, positive = {positive_name}")
+    pr_png = _save(fig, out_dir / "pr.png")
+    return [roc_png, pr_png]
+
+
+def _unit_square(ax, xlabel: str, ylabel: str, legend_loc: str) -> None:
+    """Axes for a curve of two rates (both 0..1): labels, a small margin, grid, legend."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(-0.01, 1.01)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=9)
-    pr_png = _save(fig, out_dir / "pr.png")
-    return [roc_png, pr_png]
+    ax.legend(loc=legend_loc, fontsize=9)
 
 
 # --------------------------------------------------------------------------- calibration
