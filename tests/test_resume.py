@@ -1,10 +1,12 @@
 """Kill -9 and resume: a resumed run must end exactly where an uninterrupted one ends.
 
-Three `python -m tlkit pretrain` processes start together on the same tiny subset and seed:
+Five processes start together on the same tiny subset and seed. Three `python -m tlkit pretrain`:
 A runs 3 epochs uninterrupted; B is SIGKILLed as soon as metrics.jsonl has its epoch-1 row (so in
 epoch 2, resuming from the epoch-1 checkpoint); C saves every 3 steps (`train.save_every_steps`) and is
-SIGKILLed right after its first mid-epoch save in epoch 2 (resuming mid-epoch). B and C are then resumed
-with `--resume <run dir>`; their metrics rows and final weights must equal A's.
+SIGKILLed right after its first mid-epoch save in epoch 2 (resuming mid-epoch). Two `python -m tlkit finetune`
+with `freeze-unfreeze` (body frozen in epoch 1 only) and an EMA of the weights (validation uses the EMA):
+D uninterrupted, E SIGKILLed like B, so its resumed part starts at the unfreeze. B, C and E are then resumed
+with `--resume <run dir>`; their metrics rows and final weights must equal A's (D's for E).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from tlkit.paths import REPO_DIR
 pytestmark = pytest.mark.slow
 
 EPOCHS = 3
+FT_EPOCHS = 2  # D and E: epoch 1 frozen, epoch 2 (the resumed part of E) unfrozen
 SAVE_EVERY = 3
 # 5 classes x 20 images, batch 10: 10 steps an epoch, long enough to kill inside epoch 2.
 SETS = [
@@ -34,7 +37,13 @@ SETS = [
     "data.img_size=32",
     "optim.warmup_epochs=0.5",
 ]
-ARGS = ["--quiet", "--arch", "resnet10t", "--epochs", str(EPOCHS), "--batch-size", "10", "--seed", "3"]
+ARGS = ["--quiet", "--arch", "resnet10t", "--batch-size", "10", "--seed", "3"]
+PRETRAIN = ["pretrain", "--epochs", str(EPOCHS)]
+# a fine-tune of a scratch init: what trains when matters here, not where it starts; the EMA (decay 0.8 a step)
+# is what validation runs on
+FINETUNE = ["finetune", "--recipe", "imagenet", "--init", "scratch", "--strategy", "freeze-unfreeze"]
+FINETUNE += ["--epochs", str(FT_EPOCHS)]
+FT_SETS = ["finetune.freeze_epochs=1", "optim.ema_decay=0.8"]
 TIMEOUT = 900
 
 
@@ -68,9 +77,10 @@ def _env(runs: Path) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TLKIT_RUNS": str(runs), "PYTHONPATH": path}
 
 
-def _launch(base: Path, name: str, extra_sets: list[str] = (), resume: bool = False) -> Proc:
+def _launch(base: Path, name: str, extra_sets: list[str] = (), resume: bool = False, command=PRETRAIN) -> Proc:
+    """`command`: the subcommand and its own options (pretrain: `--epochs EPOCHS`)."""
     run_dir = base / name
-    cmd = [sys.executable, "-m", "tlkit", "pretrain", *ARGS, "--out", str(run_dir), *_set_args([*SETS, *extra_sets])]
+    cmd = [sys.executable, "-m", "tlkit", *command, *ARGS, "--out", str(run_dir), *_set_args([*SETS, *extra_sets])]
     if resume:
         cmd += ["--resume", str(run_dir)]
     log = base / f"{name}{'-resume' if resume else ''}.log"
@@ -99,19 +109,23 @@ def runs(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     a = _launch(base, "A", [f"train.save_every_steps={SAVE_EVERY}"])  # saving changes nothing in training
     b = _launch(base, "B")
     c = _launch(base, "C", [f"train.save_every_steps={SAVE_EVERY}"])
+    d = _launch(base, "D", FT_SETS, command=FINETUNE)
+    e = _launch(base, "E", FT_SETS, command=FINETUNE)
+    procs = [a, b, c, d, e]
     killed: dict[str, dict] = {}
     c_epoch1_inode = None
     deadline = time.monotonic() + TIMEOUT
     try:
-        while len(killed) < 2:
+        while len(killed) < 3:
             if time.monotonic() > deadline:
-                pytest.fail(f"B/C never reached epoch 2\n{b.tail()}\n{c.tail()}")
-            for proc in (b, c):
+                pytest.fail(f"B/C/E never reached epoch 2\n{b.tail()}\n{c.tail()}\n{e.tail()}")
+            for proc in (b, c, e):
                 if proc.name not in killed and proc.popen.poll() is not None:
                     pytest.fail(f"run {proc.name} ended (rc {proc.popen.returncode}) before the kill\n{proc.tail()}")
-            if "B" not in killed and len(_rows(b.run_dir)) >= 1:
-                b.popen.kill()  # SIGKILL: no cleanup, no atexit
-                killed["B"] = {"rows": len(_rows(b.run_dir))}
+            for proc in (b, e):
+                if proc.name not in killed and len(_rows(proc.run_dir)) >= 1:
+                    proc.popen.kill()  # SIGKILL: no cleanup, no atexit
+                    killed[proc.name] = {"rows": len(_rows(proc.run_dir))}
             if "C" not in killed and len(_rows(c.run_dir)) >= 1:
                 inode = _inode(c.run_dir / "last.pt")
                 if c_epoch1_inode is None:
@@ -120,33 +134,36 @@ def runs(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
                     c.popen.kill()  # just after the first mid-epoch save of epoch 2
                     killed["C"] = {"rows": len(_rows(c.run_dir))}
             time.sleep(0.02)
-        for proc in (b, c):
+        for proc in (b, c, e):
             proc.popen.wait(timeout=60)
             assert proc.popen.returncode == -9, proc.popen.returncode
             ckpt = torch.load(proc.run_dir / "last.pt", map_location="cpu", weights_only=True)
             killed[proc.name].update(epoch=ckpt["epoch"], step=ckpt["step_in_epoch"], partial=ckpt.get("partial"))
+            killed[proc.name]["model"] = ckpt["model"]  # the state the resumed run starts from
         b2 = _launch(base, "B", resume=True)
         c2 = _launch(base, "C", resume=True)
-        for proc in (a, b2, c2):
+        e2 = _launch(base, "E", resume=True, command=[*FINETUNE[:3], *FINETUNE[-2:]])  # --recipe, --epochs
+        procs += [b2, c2, e2]
+        for proc in (a, b2, c2, d, e2):
             rc = proc.wait(timeout=max(60.0, deadline - time.monotonic()))
             assert rc == 0, f"run {proc.name} failed (rc {rc})\n{proc.tail()}"
     finally:
-        for proc in (a, b, c):
+        for proc in procs:
             if proc.popen.poll() is None:
                 proc.popen.kill()
-    return {"A": a.run_dir, "B": b.run_dir, "C": c.run_dir, "killed": killed}
+    return {"A": a.run_dir, "B": b.run_dir, "C": c.run_dir, "D": d.run_dir, "E": e.run_dir, "killed": killed}
 
 
-def _assert_same_run(ref: Path, other: Path) -> None:
+def _assert_same_run(ref: Path, other: Path, epochs: int = EPOCHS) -> None:
     rows_ref, rows = _rows(ref), _rows(other)
-    assert [r["epoch"] for r in rows_ref] == list(range(1, EPOCHS + 1))
-    assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1)), "one row per epoch, none lost or repeated"
+    assert [r["epoch"] for r in rows_ref] == list(range(1, epochs + 1))
+    assert [r["epoch"] for r in rows] == list(range(1, epochs + 1)), "one row per epoch, none lost or repeated"
     for r_ref, r in zip(rows_ref, rows, strict=True):
         for key in ("train_loss", "val_loss", "val_top1", "val_top5", "lr", "skipped"):
             assert r[key] == r_ref[key], (r["epoch"], key, r_ref[key], r[key])  # bit for bit, one thread each
     last_ref = torch.load(ref / "last.pt", map_location="cpu", weights_only=True)
     last = torch.load(other / "last.pt", map_location="cpu", weights_only=True)
-    assert last["epoch"] == EPOCHS and last["step_in_epoch"] == 0
+    assert last["epoch"] == epochs and last["step_in_epoch"] == 0
     assert last["model"].keys() == last_ref["model"].keys()
     for key, value in last_ref["model"].items():
         assert torch.equal(last["model"][key], value), key  # weights, BatchNorm statistics and counters
@@ -155,7 +172,7 @@ def _assert_same_run(ref: Path, other: Path) -> None:
         assert torch.equal(last["optimizer"]["state"][pid]["momentum_buffer"], state["momentum_buffer"]), pid
     assert last["best_top1"] == last_ref["best_top1"]
     summary = json.loads((other / "summary.json").read_text())
-    assert summary["epochs"] == EPOCHS and summary["skipped_images"] == 0
+    assert summary["epochs"] == epochs and summary["skipped_images"] == 0
 
 
 def test_killed_in_epoch_2_resumes_exactly(runs: dict) -> None:
@@ -169,3 +186,20 @@ def test_mid_epoch_checkpoint_resumes_exactly(runs: dict) -> None:
     assert state["epoch"] == 2 and state["step"] > 0 and state["step"] % SAVE_EVERY == 0, state
     assert state["partial"] is not None and state["partial"]["seen"] == state["step"] * 10
     _assert_same_run(runs["A"], runs["C"])
+
+
+def test_freeze_unfreeze_with_ema_resumes_exactly_across_the_unfreeze(runs: dict) -> None:
+    state = runs["killed"]["E"]
+    assert state["rows"] == 1 and state["epoch"] == 1 and state["step"] == 0  # resumed at the unfreeze (epoch 2)
+    # validation runs on the EMA weights: equal rows need the EMA restored, not restarted from the weights
+    _assert_same_run(runs["D"], runs["E"], FT_EPOCHS)
+    last_ref = torch.load(runs["D"] / "last.pt", map_location="cpu", weights_only=True)
+    last = torch.load(runs["E"] / "last.pt", map_location="cpu", weights_only=True)
+    assert last_ref["ema"] is not None and last["ema"].keys() == last_ref["ema"].keys()
+    for key, value in last_ref["ema"].items():
+        assert torch.equal(last["ema"][key], value), key
+    model = last_ref["model"]
+    assert any(not torch.equal(value, model[key].float()) for key, value in last_ref["ema"].items()), "EMA = weights"
+    # the body the resumed run started from was still the frozen one: it trained after the unfreeze
+    body = [k for k, v in model.items() if not k.startswith("fc.") and k.endswith(".weight") and v.ndim == 4]
+    assert body and all(not torch.equal(state["model"][k], last["model"][k]) for k in body)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -31,6 +33,42 @@ def pretrained(tmp_path_factory, data_dir):
     over = _tiny_overrides(tmp, "pre", data={"max_classes": 6})
     run_dir = run_training("imagenet", over, kind="pretrain", quiet=True)
     return run_dir / "best.pt"
+
+
+@pytest.fixture
+def watch(monkeypatch):
+    """Spies on a real `fit` (both call through): `watch["before"]`, the model's state as built, before any
+    training (init weights and the new head); `watch["last"][epoch]`, last.pt as read back after each epoch."""
+    import importlib
+    import importlib.util
+
+    seen: dict = {"before": None, "last": {}}
+
+    def model_for_recipe(build):
+        def spy(*args, **kwargs):
+            model, info = build(*args, **kwargs)
+            seen["before"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            return model, info
+
+        return spy
+
+    def save_checkpoint(save):
+        def spy(state, path):
+            out = save(state, path)
+            if Path(path).name == "last.pt" and state["step_in_epoch"] == 0:
+                seen["last"][state["epoch"]] = torch.load(path, map_location="cpu", weights_only=True)["model"]
+            return out
+
+        return spy
+
+    # wherever the training loop looks these names up (tlkit.engine, or tlkit.run once the loop lives there);
+    # a spy that is never called leaves `before` None / `last` empty, and the tests using it fail
+    for name in ("tlkit.engine", "tlkit.run"):
+        module = importlib.import_module(name) if importlib.util.find_spec(name) else None
+        for attr, wrap in (("model_for_recipe", model_for_recipe), ("save_checkpoint", save_checkpoint)):
+            if module is not None and hasattr(module, attr):
+                monkeypatch.setattr(module, attr, wrap(getattr(module, attr)))
+    return seen
 
 
 def _trainable(model: nn.Module) -> set[str]:
@@ -89,8 +127,8 @@ def test_head_replaced_on_class_mismatch_and_body_is_the_inits(pretrained):
     assert body and all(torch.equal(state[k], init["model"][k]) for k in body)
 
 
-def test_linear_probe_run_leaves_the_body_untouched(pretrained, tmp_path):
-    """A real fine-tune with a frozen body: conv weights and BatchNorm statistics stay the init's."""
+def test_linear_probe_run_leaves_the_body_untouched(pretrained, tmp_path, watch):
+    """A real fine-tune with a frozen body: conv weights and BatchNorm statistics stay the init's, the head trains."""
     over = _tiny_overrides(tmp_path, "probe", model={"init": str(pretrained)}, finetune={"strategy": "linear-probe"})
     from tlkit.config import load_recipe
 
@@ -99,7 +137,39 @@ def test_linear_probe_run_leaves_the_body_untouched(pretrained, tmp_path):
     tuned = torch.load(result.last_path, weights_only=True)["model"]
     body = [k for k in tuned if not k.startswith("fc.")]
     assert all(torch.equal(tuned[k], init[k]) for k in body), "frozen body changed"
-    assert not torch.equal(tuned["fc.weight"][:4], init["fc.weight"][:4])
+    before = watch["before"]  # the model fit built: the init's body and a new 4-class head
+    assert all(torch.equal(before[k], init[k]) for k in body) and before["fc.weight"].shape == (4, 512)
+    for key in ("fc.weight", "fc.bias"):
+        assert not torch.equal(tuned[key], before[key]), f"{key} did not train"
+
+
+def test_freeze_unfreeze_body_moves_only_after_unfreeze(pretrained, tmp_path, watch):
+    """freeze_epochs=1 of 2: after epoch 1 the whole body (BatchNorm statistics included) is still the init's
+    while the head has trained; in epoch 2 every body layer trains and BatchNorm statistics update again."""
+    over = _tiny_overrides(
+        tmp_path,
+        "fu",
+        model={"init": str(pretrained)},
+        train={"epochs": 2},
+        finetune={"strategy": "freeze-unfreeze", "freeze_epochs": 1},
+    )
+    from tlkit.config import load_recipe
+
+    fit(load_recipe("imagenet", over), kind="finetune", quiet=True)
+    init = torch.load(pretrained, weights_only=True)["model"]
+    before, e1, e2 = watch["before"], watch["last"][1], watch["last"][2]
+    body = [k for k in e2 if not k.startswith("fc.")]
+    assert all(torch.equal(e1[k], init[k]) for k in body), "body changed while frozen"
+    for key in ("fc.weight", "fc.bias"):
+        assert not torch.equal(e1[key], before[key]), f"{key} did not train in epoch 1"
+        assert not torch.equal(e2[key], e1[key]), f"{key} did not train in epoch 2"
+    convs = [k for k in body if e2[k].ndim == 4]
+    assert convs and [k for k in convs if torch.equal(e2[k], e1[k])] == [], "body layers that did not train"
+    stats = [k for k in body if k.endswith(("running_mean", "running_var"))]
+    assert stats and [k for k in stats if torch.equal(e2[k], e1[k])] == [], "BatchNorm statistics still frozen"
+    steps = 46 // 16  # gtsrb classes 00-03: 10 + 3 x 12 train images, full batches of 16
+    counters = [k for k in body if k.endswith("num_batches_tracked")]
+    assert counters and all(int(e2[k]) == int(init[k]) + steps for k in counters)
 
 
 def test_progressive_resizing_ramps_up_and_ends_at_full_size():
