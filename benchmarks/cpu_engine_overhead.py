@@ -62,8 +62,9 @@ def engine_steps(cfg: BenchConfig, channels_last: bool, n: int) -> list[float]:
     from tlkit.engine import train_one_epoch
 
     device = torch.device("cpu")
-    recipe, model, optimizer, scheduler, criterion, ctx = engine_setup(cfg, device, channels_last=channels_last)
     images, targets = synthetic_batch(cfg, device)
+    loader = RepeatLoader(images, targets, n)
+    run = engine_setup(cfg, device, loader, channels_last=channels_last)
     stamps = [time.perf_counter()]
 
     def on_step(*_):
@@ -71,14 +72,14 @@ def engine_steps(cfg: BenchConfig, channels_last: bool, n: int) -> list[float]:
 
     stamps[0] = time.perf_counter()
     train_one_epoch(
-        model,
-        RepeatLoader(images, targets, n),
-        optimizer,
-        scheduler,
-        criterion,
-        ctx,
+        run.compiled,
+        loader,
+        run.optimizer,
+        run.scheduler,
+        run.criterion,
+        run.ctx,
         epoch=1,
-        recipe=recipe,
+        recipe=run.recipe,
         on_step=on_step,
     )
     return [b - a for a, b in zip(stamps, stamps[1:], strict=False)]

@@ -1,9 +1,9 @@
 """Training-speed benchmark core: tlkit's own training step beside baselines, in one process.
 
-`tlkit` rows run the engine's real code: the model from `tlkit.models.create_model`, the optimizer from
-`tlkit.optim.build_optimizer`, the schedule from `build_scheduler`, and the step itself is
-`tlkit.engine.train_one_epoch` (StepContext.prepare -> normalize -> autocast_for -> loss -> backward ->
-optimizer/scheduler step) over a synthetic uint8 batch already on the device, as a device-side loader
+`tlkit` rows run the engine's real code: model, optimizer, schedule, loss and step context from
+`tlkit.run.build_run` (what `engine.fit` builds), and the step itself is `tlkit.engine.train_one_epoch`
+(`train_step`: StepContext.prepare -> normalize -> autocast_for -> loss -> backward -> optimizer step,
+then the scheduler step) over a synthetic uint8 batch already on the device, as a device-side loader
 would hand it over. Baselines are written the way their projects write them:
 
 - `plain_fp32`: torchvision model, fp32, NCHW, plain SGD; PyTorch's default precision flags;
@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import date
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -256,43 +257,44 @@ def time_steps(step: Callable[[], None], warmup: int, steps: int, device: torch.
 # ---- tlkit: the engine's own step -----------------------------------------------------------------------------
 
 
-def engine_setup(cfg: BenchConfig, device: torch.device, *, channels_last: bool = True, compile: bool = False):
-    """(recipe, train_model, optimizer, scheduler, criterion, ctx) built the way `engine.fit` builds them."""
-    from tlkit.config import ModelConfig, OptimConfig, Recipe, TrainConfig
-    from tlkit.data.transforms import Preprocessing, norm_tensors
-    from tlkit.engine import StepContext, scaled_lr
-    from tlkit.models import create_model
-    from tlkit.optim import build_optimizer, build_scheduler
+class _NoFiles:
+    """The train split of a synthetic run: no files, only what `build_run` asks of one (labels for a
+    weighted loss, which the benchmark recipe does not use)."""
+
+    def targets(self) -> np.ndarray:
+        return np.zeros(0, dtype=np.int64)
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+
+def engine_setup(cfg: BenchConfig, device: torch.device, loader, *, channels_last: bool = True, compile: bool = False):
+    """The `Run` that `engine.fit` would build (`run.build_run`: model, optimizer, schedule, loss, step context)
+    for the benchmark's arch, size, batch and device, fed by `loader` (synthetic or real batches)."""
+    from tlkit.config import DataConfig, ModelConfig, Recipe, TrainConfig
+    from tlkit.data.loader import DataBundle
+    from tlkit.run import RunData, build_run
 
     recipe = Recipe(
+        data=DataConfig(img_size=cfg.img_size),
         model=ModelConfig(arch=cfg.arch, channels_last=channels_last, compile=compile),
-        train=TrainConfig(batch_size=cfg.batch_size, device=str(device)),
-        optim=OptimConfig(),
+        train=TrainConfig(epochs=2, batch_size=cfg.batch_size, device=str(device)),
     )
-    model = create_model(cfg.arch, cfg.num_classes).to(device)
-    if recipe.model.channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, recipe.optim, scaled_lr(recipe, 1), device_type=device.type)
-    scheduler = build_scheduler(optimizer, recipe.optim, epochs=2, steps_per_epoch=max(cfg.steps, cfg.warmup, 1))
-    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.optim.label_smoothing)
-    ctx = StepContext(
-        device,
-        *norm_tensors(Preprocessing(cfg.img_size), device),
-        amp=recipe.train.amp,
-        channels_last=recipe.model.channels_last,
-    )
-    train_model = torch.compile(model) if recipe.model.compile and device.type == "cuda" else model
-    return recipe, train_model, optimizer, scheduler, criterion, ctx
+    classes = [str(c) for c in range(cfg.num_classes)]
+    bundle = DataBundle(_NoFiles(), None, classes, classes, "")  # type: ignore[arg-type]
+    return build_run(recipe, data=RunData(bundle, loader, None))
 
 
 def time_engine(cfg: BenchConfig, device: torch.device, loader, warm_loader, **setup) -> float:
     """Seconds for one `train_one_epoch` over `loader`, after one over `warm_loader`."""
     from tlkit.engine import train_one_epoch
 
-    recipe, model, optimizer, scheduler, criterion, ctx = engine_setup(cfg, device, **setup)
+    run = engine_setup(cfg, device, loader, **setup)
 
     def epoch(data, number):
-        train_one_epoch(model, data, optimizer, scheduler, criterion, ctx, epoch=number, recipe=recipe)
+        train_one_epoch(
+            run.compiled, data, run.optimizer, run.scheduler, run.criterion, run.ctx, epoch=number, recipe=run.recipe
+        )
 
     epoch(warm_loader, 1)
     sync(device)
@@ -303,7 +305,7 @@ def time_engine(cfg: BenchConfig, device: torch.device, loader, warm_loader, **s
 
 
 def _engine_precision(device: torch.device):
-    """What `engine.resolve_device` sets on CUDA (cudnn.benchmark and TF32 on)."""
+    """What `run.resolve_device` sets on CUDA (cudnn.benchmark and TF32 on)."""
     if device.type == "cuda":
         return precision_flags(benchmark=True, matmul_tf32=True, cudnn_tf32=True)
     return contextlib.nullcontext()
@@ -412,8 +414,8 @@ def run_timm_amp_cl(cfg: BenchConfig, device: torch.device, *, compile: bool = F
 def run_bare(cfg: BenchConfig, device: torch.device, *, channels_last: bool = False) -> float:
     """The same model as the engine's (`tlkit.models.create_model`) in a bare loop: plain SGD, plain CE,
     pre-normalised input, autocast as the engine's amp=auto would. Engine overhead = this vs `tlkit*`."""
-    from tlkit.engine import autocast_for
     from tlkit.models import create_model
+    from tlkit.run import autocast_for
 
     images, targets = synthetic_batch(cfg, device)
     x = _normalized(images)

@@ -6,8 +6,9 @@
 Runs (`--runs`, in this order, same process):
   reference  torchvision references/classification style: ImageFolder + torchvision transforms in
              DataLoader workers, torchvision model, --amp (fp16 + GradScaler on CUDA), NCHW;
-  tlkit      the engine's own functions (build_model, build_optimizer, build_scheduler, StepContext,
-             train_one_epoch, evaluate), fed by `--loader` (auto: the pack resident on the GPU when it
+  tlkit      what `engine.fit` runs, minus its files: `run.build_run` (model, optimizer, schedule, EMA,
+             loss, step context), and per epoch `engine.prepare_epoch` (progressive resizing),
+             `train_one_epoch`, `evaluate`; fed by `--loader` (auto: the pack resident on the GPU when it
              fits, see tlkit.data.packed.choose_data_path); progressive resizing and test-time flip come
              from the recipe (`--set train.progressive_min_size=32` etc.);
   fit        `tlkit.engine.fit` as the CLI runs it today (albumentations DataLoader; skipped without it).
@@ -16,14 +17,15 @@ Both loops use the recipe's hyper-parameters (arch, epochs, batch, LR scaled per
 nesterov, weight decay, label smoothing, per-step warmup + cosine) and the same augmentation (random
 resized crop with scale (scale_min, 1) + flip; eval on the center crop_pct square), so the comparison is
 of the loops and data paths, not of recipes. Times are wall clock, training + evaluation of every epoch,
-compile included; packing is reported apart (`prep_s`), done once per dataset.
+compile included; packing is reported apart (`prep_s`), done once per dataset. Top-1 is a fraction in the
+JSON (as in every file tlkit writes) and in `--target`; the printed table shows percent.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import math
 import sys
 import tempfile
 import time
@@ -42,6 +44,18 @@ from tlkit.paths import resolve_data  # noqa: E402
 
 def _device(name: str) -> torch.device:
     return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+
+
+@contextlib.contextmanager
+def _precision_flags_kept():
+    """`build_run` (like fit) turns on cuDNN autotuning and TF32 for the whole process: put back what the
+    next run would have found, so the runs' order does not change their precision."""
+    flags = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = (flags[0].benchmark, flags[1].allow_tf32, flags[0].allow_tf32)
+    try:
+        yield
+    finally:
+        flags[0].benchmark, flags[1].allow_tf32, flags[0].allow_tf32 = saved
 
 
 def _sync(device: torch.device) -> None:
@@ -65,7 +79,7 @@ def run_reference(recipe, device: torch.device, workers: int, log) -> dict:
     from torch.utils.data import DataLoader
     from torchvision import transforms as T
 
-    from tlkit.engine import scaled_lr
+    from tlkit.run import scaled_lr
 
     data, train_cfg = recipe.data, recipe.train
     root = resolve_data(data.name)
@@ -139,9 +153,9 @@ def run_reference(recipe, device: torch.device, workers: int, log) -> dict:
                 correct += int((pred == targets).sum())
                 total += len(targets)
         _sync(device)
-        row = {"epoch": epoch, "seconds": time.perf_counter() - t0, "val_top1": 100 * correct / max(total, 1)}
+        row = {"epoch": epoch, "seconds": time.perf_counter() - t0, "val_top1": correct / max(total, 1)}
         history.append(row)
-        log(f"reference epoch {epoch}: top1 {row['val_top1']:.2f}  {row['seconds']:.1f}s")
+        log(f"reference epoch {epoch}: top1 {100 * row['val_top1']:.2f}%  {row['seconds']:.1f}s")
     return {"history": history, "prep_s": 0.0, "loader": f"DataLoader x{workers} workers, PIL + torchvision"}
 
 
@@ -165,102 +179,36 @@ def _limit(dataset, data):
 
 
 def run_tlkit(recipe, device: torch.device, loader_kind: str, pack_root: Path, log) -> dict:
-    from tlkit.data.packed import PackedDataset, choose_data_path, make_fast_loader, pack_split
-    from tlkit.data.transforms import Preprocessing, norm_tensors
-    from tlkit.engine import StepContext, _progressive_size, evaluate, scaled_lr, train_one_epoch
-    from tlkit.models import build_model
-    from tlkit.optim import build_optimizer, build_scheduler
+    """`engine.fit`'s own setup (`build_run`) and epoch (`prepare_epoch`, `train_one_epoch`, `evaluate` of
+    `eval_model`), fed by `loader_kind`'s data path; only checkpoints and run-folder files are left out."""
+    from tlkit.data.packed import choose_data_path
+    from tlkit.engine import eval_model, evaluate, prepare_epoch, train_one_epoch
+    from tlkit.run import build_run
 
-    data, train_cfg = recipe.data, recipe.train
-    tag = f"{data.name}-c{data.max_classes}-n{data.max_per_class}"
-    train_pack = pack_root / tag / f"{data.train_split}-{data.img_size}"
-    val_size = int(round(data.img_size / data.crop_pct))
-    val_pack = pack_root / tag / f"{data.val_split}-{val_size}"
     want_pack = loader_kind in ("packed", "gpu", "jpeg") or (loader_kind == "auto" and device.type == "cuda")
     t_prep = time.perf_counter()
-    if want_pack:
-        if not (train_pack / "meta.json").exists():
-            pack_split(
-                data.name,
-                data.train_split,
-                train_pack,
-                data.img_size,
-                max_classes=data.max_classes,
-                max_per_class=data.max_per_class,
-            )
-        ids = PackedDataset(train_pack).class_ids
-        if not (val_pack / "meta.json").exists():
-            pack_split(
-                data.name,
-                data.val_split,
-                val_pack,
-                val_size,
-                class_ids=ids,
-                max_classes=data.max_classes,
-                max_per_class=data.max_per_class,
-            )
+    packs = _packs(recipe.data, pack_root) if want_pack else None
     prep_s = time.perf_counter() - t_prep
-    kind, reason = choose_data_path(data, device, train_pack if want_pack else None, loader_kind)
+    kind, reason = choose_data_path(recipe.data, device, packs[0] if packs else None, loader_kind)
     log(f"tlkit data path: {kind} ({reason}); packing took {prep_s:.1f}s")
-    pre = Preprocessing(data.img_size, data.crop_pct)
-    if kind == "cpu":
-        from tlkit.data.loader import build_datasets, make_loader
-
-        bundle = build_datasets(recipe, pre)
-        train_loader = make_loader(
-            bundle.train,
-            data,
-            batch_size=train_cfg.batch_size,
-            train=True,
-            seed=train_cfg.seed,
-            pin_memory=device.type == "cuda",
-        )
-        val_loader = make_loader(bundle.val, data, batch_size=train_cfg.batch_size, train=False, seed=train_cfg.seed)
-        num_classes, train_set = len(bundle.class_ids), bundle.train
-    else:
-        train_set = PackedDataset(train_pack)
-        common = dict(batch_size=train_cfg.batch_size, seed=train_cfg.seed, device=device)
-        source = train_set
-        if kind == "jpeg":  # the files themselves, decoded by nvJPEG (the pack only fixes the class list)
-            from tlkit.data.datasets import scan_split
-
-            source, _ = scan_split(
-                resolve_data(data.name),
-                data.train_split,
-                train_set.class_ids,
-                max_per_class=data.max_per_class,
-                ignore_unknown=bool(data.max_classes),
-            )
-        train_loader = make_fast_loader(kind, source, data, train=True, **common)
-        val_kind = kind if kind != "jpeg" else "packed"
-        val_loader = make_fast_loader(val_kind, PackedDataset(val_pack), data, train=False, **common)
-        num_classes = len(train_set.class_ids)
-    model, _ = build_model(recipe.model.arch, num_classes)
-    model.to(device)
-    if recipe.model.channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, recipe.optim, scaled_lr(recipe, 1), device_type=device.type)
-    scheduler = build_scheduler(
-        optimizer, recipe.optim, epochs=train_cfg.epochs, steps_per_epoch=math.ceil(len(train_loader))
-    )
-    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.optim.label_smoothing)
-    ctx = StepContext(device, *norm_tensors(pre, device), amp=train_cfg.amp, channels_last=recipe.model.channels_last)
-    train_model = torch.compile(model) if recipe.model.compile and device.type == "cuda" else model
+    # cpu: build_run's own DataLoader over the image folders, exactly what fit trains on
+    run = build_run(recipe, data=None if kind == "cpu" else _fast_data(recipe, device, kind, *packs))
     history, t0 = [], time.perf_counter()
-    for epoch in range(1, train_cfg.epochs + 1):
-        train_set.set_epoch(epoch)
-        train_loader.sampler.set_epoch(epoch)
-        size = _progressive_size(recipe, epoch)
-        if hasattr(train_loader, "set_size"):
-            train_loader.set_size(size)
-        elif size != data.img_size:
-            from tlkit.data.transforms import train_transform
-
-            train_set.transform = train_transform(data, img_size=size)
+    for epoch in range(1, recipe.train.epochs + 1):
+        size = prepare_epoch(run, epoch)
         stats = train_one_epoch(
-            train_model, train_loader, optimizer, scheduler, criterion, ctx, epoch=epoch, recipe=recipe
+            run.compiled,
+            run.data.train_loader,
+            run.optimizer,
+            run.scheduler,
+            run.criterion,
+            run.ctx,
+            epoch=epoch,
+            recipe=run.recipe,
+            ema=run.ema,
+            strategy=run.strategy,
         )
-        metrics = evaluate(model, val_loader, ctx, tta_flip=train_cfg.tta_flip)
+        metrics = evaluate(eval_model(run), run.data.val_loader, run.ctx, tta_flip=recipe.train.tta_flip)
         _sync(device)
         row = {
             "epoch": epoch,
@@ -270,8 +218,51 @@ def run_tlkit(recipe, device: torch.device, loader_kind: str, pack_root: Path, l
             "train_img_s": stats["img_per_s"],
         }
         history.append(row)
-        log(f"tlkit epoch {epoch} @{size}px: top1 {row['val_top1']:.2f}  {row['seconds']:.1f}s")
+        log(f"tlkit epoch {epoch} @{size}px: top1 {100 * row['val_top1']:.2f}%  {row['seconds']:.1f}s")
     return {"history": history, "prep_s": prep_s, "loader": f"{kind} ({reason})"}
+
+
+def _packs(data, pack_root: Path) -> tuple[Path, Path]:
+    """The train pack at img_size and the val pack at img_size / crop_pct (made once per dataset subset)."""
+    from tlkit.data.packed import PackedDataset, pack_split
+
+    tag = f"{data.name}-c{data.max_classes}-n{data.max_per_class}"
+    train_pack = pack_root / tag / f"{data.train_split}-{data.img_size}"
+    val_size = int(round(data.img_size / data.crop_pct))
+    val_pack = pack_root / tag / f"{data.val_split}-{val_size}"
+    limits = dict(max_classes=data.max_classes, max_per_class=data.max_per_class)
+    if not (train_pack / "meta.json").exists():
+        pack_split(data.name, data.train_split, train_pack, data.img_size, **limits)
+    if not (val_pack / "meta.json").exists():
+        ids = PackedDataset(train_pack).class_ids
+        pack_split(data.name, data.val_split, val_pack, val_size, class_ids=ids, **limits)
+    return train_pack, val_pack
+
+
+def _fast_data(recipe, device: torch.device, kind: str, train_pack: Path, val_pack: Path):
+    """`RunData` for build_run from the packs: device-side loaders (`gpu`, `packed`) or nvJPEG (`jpeg`)."""
+    from tlkit.data.datasets import scan_split
+    from tlkit.data.loader import DataBundle
+    from tlkit.data.packed import PackedDataset, make_fast_loader
+    from tlkit.run import RunData
+
+    data, train_cfg = recipe.data, recipe.train
+    train_set, val_set = (PackedDataset(p, seed=train_cfg.seed) for p in (train_pack, val_pack))
+    common = dict(batch_size=train_cfg.batch_size, seed=train_cfg.seed, device=device)
+    source = train_set
+    root = resolve_data(data.name)
+    if kind == "jpeg":  # the files themselves, decoded by nvJPEG (the pack only fixes the class list)
+        source, _ = scan_split(
+            root,
+            data.train_split,
+            train_set.class_ids,
+            max_per_class=data.max_per_class,
+            ignore_unknown=bool(data.max_classes),
+        )
+    train_loader = make_fast_loader(kind, source, data, train=True, **common)
+    val_loader = make_fast_loader(kind if kind != "jpeg" else "packed", val_set, data, train=False, **common)
+    bundle = DataBundle(train_set, val_set, train_set.classes, train_set.class_ids, str(root))  # type: ignore[arg-type]
+    return RunData(bundle, train_loader, val_loader)
 
 
 def run_fit(recipe, device: torch.device, log) -> dict:
@@ -290,7 +281,7 @@ def run_fit(recipe, device: torch.device, log) -> dict:
     for row in result.history:
         elapsed += row["seconds"]
         history.append({"epoch": row["epoch"], "seconds": elapsed, "val_top1": row.get("val_top1")})
-    log(f"fit: top1 {history[-1]['val_top1']:.2f} in {total:.1f}s (incl. setup)")
+    log(f"fit: top1 {100 * history[-1]['val_top1']:.2f}% in {total:.1f}s (incl. setup)")
     return {"history": history, "prep_s": 0.0, "loader": "engine.fit: DataLoader + albumentations", "total_s": total}
 
 
@@ -328,13 +319,16 @@ def table(target: float, rows: list[dict]) -> str:
     def f(v, spec=".1f"):
         return "-" if v is None else format(v, spec)
 
+    def pct(v):
+        return None if v is None else 100 * v
+
     lines = [
-        f"| run | data path | epochs | final top-1 | train+eval s | s to {target:.1f}% top-1 | + packing s |",
+        f"| run | data path | epochs | final top-1 % | train+eval s | s to {100 * target:.1f}% top-1 | + packing s |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
-            f"| {r['run']} | {r['loader']} | {r['epochs']} | {f(r['final_top1'], '.2f')} | {f(r['total_s'])} | "
+            f"| {r['run']} | {r['loader']} | {r['epochs']} | {f(pct(r['final_top1']), '.2f')} | {f(r['total_s'])} | "
             f"{f(r['time_to_target_s'])} | {f(r['time_to_target_with_prep_s'])} |"
         )
     return "\n".join(lines)
@@ -352,7 +346,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-classes", type=int)
     p.add_argument("--max-per-class", type=int)
     p.add_argument("--workers", type=int, help="DataLoader workers (reference; cpu loader)")
-    p.add_argument("--target", type=float, help="top-1 %% to time; default: the lowest best top-1 of the runs")
+    p.add_argument(
+        "--target",
+        type=float,
+        help="top-1 to time, a fraction (0.4 = 40 %%); default: the lowest best top-1 of the runs",
+    )
     p.add_argument("--set", action="append", default=[], help="recipe override key=value (both loops)")
     p.add_argument("--packs", help="where packs go (default: a temp folder)")
     p.add_argument("--smoke", action="store_true", help="10 classes x 20 images, 32 px, 1 epoch, batch 16")
@@ -394,14 +392,15 @@ def main(argv: list[str] | None = None) -> dict:
     runs = {}
     for name in [r for r in args.runs.split(",") if r]:
         torch.manual_seed(recipe.train.seed)
-        if name == "reference":
-            runs[name] = run_reference(recipe, device, workers, log)
-        elif name == "tlkit":
-            runs[name] = run_tlkit(recipe, device, args.loader, pack_root, log)
-        elif name == "fit":
-            runs[name] = run_fit(recipe, device, log)
-        else:
-            raise SystemExit(f"unknown run {name!r}; use reference, tlkit, fit")
+        with _precision_flags_kept():
+            if name == "reference":
+                runs[name] = run_reference(recipe, device, workers, log)
+            elif name == "tlkit":
+                runs[name] = run_tlkit(recipe, device, args.loader, pack_root, log)
+            elif name == "fit":
+                runs[name] = run_fit(recipe, device, log)
+            else:
+                raise SystemExit(f"unknown run {name!r}; use reference, tlkit, fit")
     target, rows = summarize(runs, args.target)
     from speed import device_name, device_slug
 

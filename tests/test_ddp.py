@@ -196,7 +196,7 @@ def _val_metrics(ckpt: dict) -> tuple[int, float, float]:
             logits.append(model((images.float() - mean) / std))
             targets.append(y)
     logits, targets = torch.cat(logits), torch.cat(targets)
-    top1 = int((logits.argmax(1) == targets).sum()) * 100 / len(targets)
+    top1 = int((logits.argmax(1) == targets).sum()) / len(targets)
     return len(targets), float(F.cross_entropy(logits, targets)), top1
 
 

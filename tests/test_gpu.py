@@ -16,9 +16,10 @@ from PIL import Image
 from tlkit.config import load_recipe
 from tlkit.data.gpu import DeviceLoader
 from tlkit.data.transforms import Preprocessing, norm_tensors
-from tlkit.engine import StepContext, autocast_for, model_for_recipe, train_one_epoch
+from tlkit.engine import train_one_epoch
 from tlkit.optim import build_optimizer, build_scheduler
 from tlkit.paths import data_root
+from tlkit.run import StepContext, autocast_for, model_for_recipe
 
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (none visible)")

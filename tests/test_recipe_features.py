@@ -24,7 +24,7 @@ from PIL import Image
 from sklearn.metrics import roc_curve
 from typer.testing import CliRunner
 
-import tlkit.engine as engine
+import tlkit.run as run_setup
 from tlkit.checkpoint import load_tlkit_checkpoint
 from tlkit.cli import app
 from tlkit.config import deep_merge, load_recipe, recipe_from_dict
@@ -216,7 +216,7 @@ def medical_run(chest: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
         for cls, n in per_class.items():
             link_first(chest / split / cls, data / split / cls, n)
     built = []
-    real_make_criterion = engine.make_criterion
+    real_make_criterion = run_setup.make_criterion
 
     def recording_make_criterion(recipe, targets, num_classes, device):
         criterion = real_make_criterion(recipe, targets, num_classes, device)
@@ -232,7 +232,7 @@ def medical_run(chest: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
         },
     )
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(engine, "make_criterion", recording_make_criterion)
+        mp.setattr(run_setup, "make_criterion", recording_make_criterion)
         run_dir = run_training("medical", over, kind="finetune", quiet=True)
     return {"run_dir": run_dir, "data": data, "criteria": built}
 
@@ -252,7 +252,7 @@ def test_weighted_ce_weights_are_inverse_frequency_of_the_real_train_split(chest
     recipe = load_recipe("medical", {"model": {"init": "scratch"}})
     assert recipe.optim.loss == "weighted-ce"
     bundle = build_datasets(recipe, preprocessing_for(recipe.model.arch, recipe.data))
-    criterion = engine.make_criterion(recipe, bundle.train.targets(), len(bundle.classes), torch.device("cpu"))
+    criterion = run_setup.make_criterion(recipe, bundle.train.targets(), len(bundle.classes), torch.device("cpu"))
     weight = criterion.weight.numpy()
     np.testing.assert_allclose(weight, balanced_weights(list(counts.values())), rtol=1e-6)
     # the rarer class weighs more, by the inverse of the class ratio (PNEUMONIA:NORMAL images)

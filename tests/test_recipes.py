@@ -13,8 +13,7 @@ from typer.testing import CliRunner
 
 from tlkit.cli import app
 from tlkit.config import available_recipes, load_recipe
-from tlkit.workflows import evaluate_checkpoint
-from tlkit.workflows import run_training
+from tlkit.workflows import evaluate_checkpoint, run_training
 
 runner = CliRunner()
 

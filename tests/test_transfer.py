@@ -174,12 +174,12 @@ def test_freeze_unfreeze_body_moves_only_after_unfreeze(pretrained, tmp_path, wa
 
 def test_progressive_resizing_ramps_up_and_ends_at_full_size():
     from tlkit.config import load_recipe
-    from tlkit.engine import _progressive_size
+    from tlkit.engine import progressive_size
 
     recipe = load_recipe(
         "imagenet",
         {"data": {"img_size": 64}, "train": {"epochs": 6, "progressive_min_size": 32, "progressive_end_epoch": 4}},
     )
-    sizes = [_progressive_size(recipe, e) for e in range(1, 7)]
+    sizes = [progressive_size(recipe, e) for e in range(1, 7)]
     assert sizes[0] == 32 and sizes[3:] == [64, 64, 64]
     assert sizes == sorted(sizes) and len(set(sizes)) >= 3

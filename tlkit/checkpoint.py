@@ -2,14 +2,16 @@
 
 A tlkit checkpoint is a plain dict of tensors and primitive types:
 `format="tlkit"`, `version`, `tlkit_version`, `git_sha`, `task`, `arch`, `classes`, `class_ids`,
-`preprocessing`, `recipe`, `model`, `ema`, `optimizer`, `scheduler`, `epoch`, `step`, `best_top1`, `rng`,
-plus task extras (`threshold`, `temperature`, `positive_index`, `val_metrics`, `anomaly`).
+`preprocessing`, `recipe`, `model`, `ema`, `optimizer`, `scheduler`, `epoch`, `step_in_epoch`, `best_top1`,
+`history`, `rng`, plus task extras (`threshold`, `temperature`, `positive_index`, `val_metrics`, `anomaly`).
+Accuracies (`best_top1`, `history`'s `val_top1`) are fractions, as in every file tlkit writes.
 Everything loads with `torch.load(weights_only=True)`: no pickled classes, so a checkpoint from an
 untrusted source cannot run code, and it loads anywhere tlkit or plain torch+timm is installed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from datetime import datetime
@@ -67,6 +69,16 @@ def build_meta(
         "world_size": world_size,
         "saved_at": datetime.now().isoformat(timespec="seconds"),
     }
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict: each key, then its tensor's bytes in logical (contiguous) order. Every rank of a
+    DDP run reports its own at the end (`summary.json: weights_sha256`); in sync, they all equal last.pt's."""
+    h = hashlib.sha256()
+    for key, value in state.items():
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def save_checkpoint(obj: dict, path: str | Path) -> Path:

@@ -1,13 +1,14 @@
 """LR range test (Smith 2017, fastai's `lr_find`): train a throwaway copy of the recipe's model for a few
 batches while the learning rate grows exponentially, and read a good LR off the loss curve.
 
-Data, model, init, optimizer, loss and (for fine-tuning recipes) the transfer strategy are built with the
-same functions `engine.fit` uses, so the curve describes the run you are about to launch. A `finetune:`
+Data, model, init, optimizer, loss and (for fine-tuning recipes) the transfer strategy come from
+`run.build_run`, as in `engine.fit`, and every step is `engine.train_step`, the step fit takes: the curve
+describes the run you are about to launch. A `finetune:`
 block is honoured at its unfrozen stage: the parameters that train then, with their LR multipliers
 (head x `head_lr_mult`, layer-wise decay in the body); `linear-probe` only ever trains the head.
 
 Units: the sweep sets the optimizer's real LR of the multiplier-1 parameter group, but everything reported
-is in the recipe's units, `optim.lr` per 256 images (`engine.scaled_lr` scales it by batch_size/256).
+is in the recipe's units, `optim.lr` per 256 images (`run.scaled_lr` scales it by batch_size/256).
 """
 
 from __future__ import annotations
@@ -18,26 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from tlkit.config import FinetuneConfig, load_recipe
-from tlkit.data.loader import build_datasets, make_loader
-from tlkit.data.transforms import norm_tensors, preprocessing_for
-from tlkit.engine import (
-    StepContext,
-    autocast_for,
-    make_criterion,
-    mix_batch,
-    model_for_recipe,
-    resolve_device,
-    scaled_lr,
-    seed_everything,
-)
-from tlkit.optim import build_optimizer
+from tlkit.config import FinetuneConfig, Recipe, load_recipe
+from tlkit.engine import train_step
 from tlkit.paths import runs_dir
 from tlkit.progress import Progress, console
+from tlkit.run import Run, build_run
 from tlkit.tasks import require, task_of
-from tlkit.transfer import Strategy
 from tlkit.workflows import resolve_init
 
 
@@ -66,105 +54,17 @@ def run_lr_find(
         raise ValueError(f"lr-find needs 0 < start_lr < end_lr, got {start_lr:g} and {end_lr:g}")
     recipe = load_recipe(recipe_name, overrides, cuda=torch.cuda.is_available())
     require(task_of(recipe), "lr-find", "recipe")
-    recipe = resolve_init(recipe)
-    device = resolve_device(recipe.train.device)
-    seed_everything(recipe.train.seed)
-
-    # exactly as engine.fit builds them
-    pre = preprocessing_for(recipe.model.arch, recipe.data, init=recipe.model.init)
-    data = build_datasets(recipe, pre)
-    model, _ = model_for_recipe(recipe, len(data.class_ids), device)
-    strategy = Strategy(model, recipe.finetune) if recipe.finetune else None
-    optimizer = build_optimizer(
-        model,
-        recipe.optim,
-        scaled_lr(recipe, 1),
-        device_type=device.type,
-        lr_mults=strategy.lr_multipliers() if strategy else None,
-    )
-    if strategy is not None:
-        strategy.on_epoch_start(_unfrozen_epoch(recipe.finetune))
-    loader = make_loader(
-        data.train,
-        recipe.data,
-        batch_size=recipe.train.batch_size,
-        train=True,
-        seed=recipe.train.seed,
-        pin_memory=device.type == "cuda",
-    )
-    criterion = make_criterion(recipe, data.train.targets(), len(data.class_ids), device)
-    ctx = StepContext(
-        device, *norm_tensors(pre, device), amp=recipe.train.amp, channels_last=recipe.model.channels_last
-    )
+    run = build_run(resolve_init(recipe))  # exactly what `engine.fit` trains, before its first epoch
+    recipe = run.recipe
+    if run.strategy is not None:
+        run.strategy.on_epoch_start(_unfrozen_epoch(recipe.finetune))
 
     # recipe units: optim.lr is per 256 images; the optimizer sees optim.lr * scale
     accum = max(1, recipe.optim.accum_steps)
     scale = recipe.train.batch_size * accum / 256
-    batches = _endless(loader, data.train)
-    generator = torch.Generator()
-    num_classes = len(data.class_ids)
-
-    actual_lrs: list[float] = []
-    raw_losses: list[float] = []
-    smoothed: list[float] = []
     beta = 0.98 ** (100 / steps) if beta is None else beta
-    avg, best, stopped = 0.0, math.inf, False
-    model.train()
-    if strategy is not None:
-        strategy.freeze_norm_stats()
-    t0 = time.perf_counter()
-    with Progress(enabled=not quiet) as progress:
-        task = progress.add("lr-find", total=steps)
-        for i in range(steps):
-            lr = start_lr * (end_lr / start_lr) ** (i / (steps - 1))
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_mult"]
-            loss_value = 0.0
-            for micro in range(accum):
-                images, targets, _ = next(batches)
-                generator.manual_seed(recipe.train.seed * 1_000_003 + i * accum + micro)
-                images = ctx.prepare(images)
-                targets = targets.to(device, non_blocking=True)
-                soft = targets
-                if recipe.optim.mixup > 0 or recipe.optim.cutmix > 0:
-                    images, soft = mix_batch(
-                        images,
-                        targets,
-                        num_classes,
-                        recipe.optim.mixup,
-                        recipe.optim.cutmix,
-                        recipe.optim.label_smoothing,
-                        generator,
-                    )
-                with autocast_for(device, recipe.train.amp):
-                    loss = criterion(model(images).float(), soft)
-                (loss / accum).backward()
-                loss_value += float(loss.detach()) / accum
-            if recipe.optim.clip_grad > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            actual_lrs.append(lr)
-            raw_losses.append(loss_value)
-            if not math.isfinite(loss_value):
-                smoothed.append(math.inf)
-                stopped = True
-                break
-            avg = beta * avg + (1 - beta) * loss_value
-            smooth = avg / (1 - beta ** (i + 1))  # bias-corrected EMA, as in fastai
-            smoothed.append(smooth)
-            best = min(best, smooth)
-            progress.update(
-                task,
-                completed=i + 1,
-                loss=smooth,
-                lr=lr / scale,
-                ips=(i + 1) * recipe.train.batch_size * accum / max(time.perf_counter() - t0, 1e-9),
-            )
-            if i > 0 and smooth > diverge * best:
-                stopped = True
-                break
+    sweep = _sweep(run, steps, start_lr, end_lr, diverge=diverge, beta=beta, scale=scale, quiet=quiet)
+    actual_lrs, raw_losses, smoothed, stopped = sweep
 
     # keep finite points only (a NaN/inf step ends the sweep and is not plotted)
     keep = [j for j, s in enumerate(smoothed) if math.isfinite(s)]
@@ -186,24 +86,11 @@ def run_lr_find(
         scale=scale,
         title=f"LR range test: {recipe.name}, {recipe.model.arch}, batch {recipe.train.batch_size * accum}",
     )
-
-    suggested = suggestion["suggested_lr"]
-    head = ""
-    if strategy is not None and recipe.finetune.head_lr_mult != 1:
-        head = f"; the head trains at {recipe.finetune.head_lr_mult:g}x that ({recipe.finetune.strategy})"
-    lines = [
-        f"suggested optim.lr={suggested:.3g} (for batch 256; {suggestion['method']}; "
-        f"real LR {suggested * scale:.3g} at this batch of {recipe.train.batch_size * accum}{head})",
-        f"  lowest smoothed loss {min(losses):.4g} at optim.lr={suggestion['min_loss_lr']:.3g}; "
-        f"min/10 = {suggestion['min_lr_div10']:.3g}; recipe now has optim.lr={recipe.optim.lr:g}",
-        f"  swept optim.lr {lrs[0]:.3g} .. {lrs[-1]:.3g} in {len(smoothed)} of {steps} steps"
-        + (" (stopped: loss diverged)" if stopped else ""),
-        f"  plot: {plot}",
-    ]
-    for line in lines:
+    swept = (len(smoothed), steps, stopped)
+    for line in _summary_lines(recipe, suggestion, lrs, losses, plot, scale=scale, swept=swept):
         console.print(line, markup=False)
     return {
-        "suggested_lr": suggested,
+        "suggested_lr": suggestion["suggested_lr"],
         "lrs": lrs,
         "losses": losses,
         "raw_losses": raw,
@@ -216,6 +103,91 @@ def run_lr_find(
         "stopped_early": stopped,
         "units": "optim.lr per batch 256",
     }
+
+
+def _sweep(
+    run: Run, steps: int, start_lr: float, end_lr: float, *, diverge: float, beta: float, scale: float, quiet: bool
+) -> tuple[list[float], list[float], list[float], bool]:
+    """`steps` optimizer steps (each `accum_steps` x `train_step`) at an exponentially growing LR ->
+    (real LRs, raw losses, smoothed losses, stopped early). The mixup generator is seeded per micro-batch."""
+    recipe, model, optimizer = run.recipe, run.model, run.optimizer
+    accum = max(1, recipe.optim.accum_steps)
+    batches = _endless(run.data.train_loader, run.data.bundle.train)
+    generator = torch.Generator()
+    actual_lrs: list[float] = []
+    raw_losses: list[float] = []
+    smoothed: list[float] = []
+    avg, best, stopped = 0.0, math.inf, False
+    model.train()
+    if run.strategy is not None:
+        run.strategy.freeze_norm_stats()
+    t0 = time.perf_counter()
+    with Progress(enabled=not quiet) as progress:
+        task = progress.add("lr-find", total=steps)
+        for i in range(steps):
+            lr = start_lr * (end_lr / start_lr) ** (i / (steps - 1))
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_mult"]
+            loss_value = 0.0
+            for micro in range(accum):
+                images, targets, _ = next(batches)
+                generator.manual_seed(recipe.train.seed * 1_000_003 + i * accum + micro)
+                loss = train_step(
+                    model,
+                    images,
+                    targets,
+                    run.criterion,
+                    optimizer,
+                    run.ctx,
+                    recipe.optim,
+                    generator=generator,
+                    update=micro == accum - 1,
+                )
+                loss_value += float(loss) / accum
+            actual_lrs.append(lr)
+            raw_losses.append(loss_value)
+            if not math.isfinite(loss_value):
+                smoothed.append(math.inf)
+                stopped = True
+                break
+            avg = beta * avg + (1 - beta) * loss_value
+            smooth = avg / (1 - beta ** (i + 1))  # bias-corrected EMA, as in fastai
+            smoothed.append(smooth)
+            best = min(best, smooth)
+            ips = (i + 1) * recipe.train.batch_size * accum / max(time.perf_counter() - t0, 1e-9)
+            progress.update(task, completed=i + 1, loss=smooth, lr=lr / scale, ips=ips)
+            if i > 0 and smooth > diverge * best:
+                stopped = True
+                break
+    return actual_lrs, raw_losses, smoothed, stopped
+
+
+def _summary_lines(
+    recipe: Recipe,
+    suggestion: dict,
+    lrs: list[float],
+    losses: list[float],
+    plot: Path,
+    *,
+    scale: float,
+    swept: tuple[int, int, bool],
+) -> list[str]:
+    """What lr-find prints: the suggestion in recipe units and at the real batch, and how the sweep went
+    (`swept`: steps taken, steps asked, stopped early)."""
+    done, steps, stopped = swept
+    suggested, batch = suggestion["suggested_lr"], recipe.train.batch_size * max(1, recipe.optim.accum_steps)
+    head = ""
+    if recipe.finetune is not None and recipe.finetune.head_lr_mult != 1:
+        head = f"; the head trains at {recipe.finetune.head_lr_mult:g}x that ({recipe.finetune.strategy})"
+    return [
+        f"suggested optim.lr={suggested:.3g} (for batch 256; {suggestion['method']}; "
+        f"real LR {suggested * scale:.3g} at this batch of {batch}{head})",
+        f"  lowest smoothed loss {min(losses):.4g} at optim.lr={suggestion['min_loss_lr']:.3g}; "
+        f"min/10 = {suggestion['min_lr_div10']:.3g}; recipe now has optim.lr={recipe.optim.lr:g}",
+        f"  swept optim.lr {lrs[0]:.3g} .. {lrs[-1]:.3g} in {done} of {steps} steps"
+        + (" (stopped: loss diverged)" if stopped else ""),
+        f"  plot: {plot}",
+    ]
 
 
 def _unfrozen_epoch(cfg: FinetuneConfig) -> int:

@@ -74,8 +74,8 @@ class Predictor:
     def from_checkpoint(cls, path: str | Path, device: str = "auto", *, use_ema: bool = True) -> Predictor:
         """Load a tlkit classification checkpoint (`torch.load(weights_only=True)`) and rebuild its model.
         A run folder means its `best.pt` (the one with the calibrated temperature and threshold)."""
-        from tlkit.engine import resolve_device
         from tlkit.models import model_from_checkpoint
+        from tlkit.run import resolve_device
         from tlkit.tasks import require, task_of
         from tlkit.tasks.classification.val import positive_index as default_positive_index
 

@@ -35,7 +35,7 @@ def resume_recipe(resume: str | Path, overrides: dict) -> Recipe:
     """A resumed run continues the recipe it was started with; only options the user passes now
     (e.g. a larger --epochs) change it, never recipe defaults."""
     from tlkit.config import deep_merge, recipe_from_dict
-    from tlkit.engine import resolve_resume
+    from tlkit.run import resolve_resume
 
     _, ckpt = resolve_resume(resume)
     return recipe_from_dict(deep_merge(ckpt["recipe"], overrides))

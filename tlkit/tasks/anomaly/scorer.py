@@ -443,8 +443,8 @@ def load_scorer(checkpoint: str | Path | dict, device: str = "auto") -> PatchCor
     """The fitted scorer of an anomaly checkpoint (a path, a run folder, or the loaded dict): backbone weights,
     memory banks, score statistics and alert threshold."""
     from tlkit.checkpoint import CheckpointError, load_tlkit_checkpoint
-    from tlkit.engine import resolve_device
     from tlkit.models import create_model
+    from tlkit.run import resolve_device
 
     ckpt = checkpoint if isinstance(checkpoint, dict) else load_tlkit_checkpoint(checkpoint)
     if ckpt.get("task") != "anomaly" or "anomaly" not in ckpt:

@@ -52,8 +52,9 @@ def training_clips(clips: list[Clip], max_frames: int, run: int = 20) -> list[Cl
 def train(recipe: Recipe, *, kind: str = "finetune", resume: str | Path | None = None, quiet: bool = False) -> Path:
     """Fit the bank, choose the alert threshold on val, write best.pt and the report; returns the run folder."""
     from tlkit import __version__
-    from tlkit.engine import resolve_device, run_name, seed_everything
     from tlkit.paths import git_sha, resolve_data, runs_dir
+    from tlkit.run import resolve_device, seed_everything
+    from tlkit.run_folder import run_name
 
     if resume:
         raise ValueError("an anomaly run cannot be resumed: its memory bank is fitted in one pass; start a new run")

@@ -61,7 +61,8 @@ def post_train(result, recipe: Recipe, kind: str, *, quiet: bool = False) -> boo
 
 def _print_next(result, recipe: Recipe, kind: str, has_val: bool) -> None:
     run_dir, root = result.run_dir, result.extras["bundle"].root
-    console.print(f"\n[bold]best checkpoint:[/bold] {result.best_path}  (val top-1 {result.best_top1:.2f}%)")
+    top1 = f"  (val top-1 {100 * result.best_top1:.2f}%)" if result.best_top1 >= 0 else ""  # -1: no val split
+    console.print(f"\n[bold]best checkpoint:[/bold] {result.best_path}{top1}")
     if has_val:
         console.print(f"report: {run_dir / 'report' / 'report.md'}")
     console.print("next:")

@@ -13,9 +13,10 @@ import torch
 
 from tlkit.data.datasets import ImageDataset, scan_split
 from tlkit.data.transforms import Preprocessing, eval_transform, norm_tensors
-from tlkit.engine import StepContext, predict_logits, resolve_device, topk_metrics
+from tlkit.engine import predict_logits, topk_metrics
 from tlkit.paths import resolve_data
 from tlkit.progress import Progress, console
+from tlkit.run import StepContext, resolve_device
 
 
 def checkpoint_loader(ckpt: dict, data: str | Path, split: str, batch_size: int = 64, num_workers: int = -1):
