@@ -153,35 +153,9 @@ def classification_metrics(
         if pos not in (0, 1):
             raise ValueError(f"positive_index must be 0 or 1, got {pos}")
         thr = 0.5 if threshold is None else float(threshold)
-        pos_prob = p[:, pos]
-        is_pos = t == pos
-        pred_pos = pos_prob >= thr
-        pred = np.where(pred_pos, pos, 1 - pos)
-        tp = int((pred_pos & is_pos).sum())
-        fp = int((pred_pos & ~is_pos).sum())
-        tn = int((~pred_pos & ~is_pos).sum())
-        fn = int((~pred_pos & is_pos).sum())
-        both_present = 0 < tp + fn < n
-        out.update(
-            {
-                "positive_index": pos,
-                "positive_class": str(class_names[pos]),
-                "threshold": thr,
-                "accuracy": _div(tp + tn, n),
-                "sensitivity": _div(tp, tp + fn),
-                "specificity": _div(tn, tn + fp),
-                "ppv": _div(tp, tp + fp),
-                "npv": _div(tn, tn + fn),
-                "f1": _div(2 * tp, 2 * tp + fp + fn),
-                "tp": tp,
-                "fp": fp,
-                "tn": tn,
-                "fn": fn,
-                # AUROC needs both classes, AP at least one positive (else sklearn warns and returns junk).
-                "auroc": float(roc_auc_score(is_pos, pos_prob)) if both_present else None,
-                "pr_auc": float(average_precision_score(is_pos, pos_prob)) if tp + fn > 0 else None,
-            }
-        )
+        binary, pred = binary_metrics(p[:, pos], t == pos, thr)
+        pred = np.where(pred, pos, 1 - pos)
+        out.update({"positive_index": pos, "positive_class": str(class_names[pos]), "threshold": thr, **binary})
 
     cm = np.zeros((c, c), dtype=np.int64)
     np.add.at(cm, (t, pred), 1)
@@ -209,6 +183,33 @@ def classification_metrics(
         out["nll"] = nll(p, t)
         out["ece"] = expected_calibration_error(p, t)
     return out
+
+
+def binary_metrics(pos_prob: np.ndarray, is_pos: np.ndarray, threshold: float) -> tuple[dict, np.ndarray]:
+    """Threshold metrics of one positive class (and its threshold-free AUROC / AP); also the positive calls."""
+    n = len(is_pos)
+    pred_pos = pos_prob >= threshold
+    tp = int((pred_pos & is_pos).sum())
+    fp = int((pred_pos & ~is_pos).sum())
+    tn = int((~pred_pos & ~is_pos).sum())
+    fn = int((~pred_pos & is_pos).sum())
+    both_present = 0 < tp + fn < n
+    metrics = {
+        "accuracy": _div(tp + tn, n),
+        "sensitivity": _div(tp, tp + fn),
+        "specificity": _div(tn, tn + fp),
+        "ppv": _div(tp, tp + fp),
+        "npv": _div(tn, tn + fn),
+        "f1": _div(2 * tp, 2 * tp + fp + fn),
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+        # AUROC needs both classes, AP at least one positive (else sklearn warns and returns junk).
+        "auroc": float(roc_auc_score(is_pos, pos_prob)) if both_present else None,
+        "pr_auc": float(average_precision_score(is_pos, pos_prob)) if tp + fn > 0 else None,
+    }
+    return metrics, pred_pos
 
 
 def choose_threshold(

@@ -28,17 +28,6 @@ from tlkit.metrics import (
     score_events,
 )
 
-__all__ = [
-    "plot_training_curves",
-    "plot_confusion_matrix",
-    "plot_roc_pr",
-    "plot_reliability",
-    "plot_scores_over_time",
-    "write_per_class_csv",
-    "write_report",
-    "read_metrics_jsonl",
-]
-
 DPI = 120
 
 
@@ -288,13 +277,6 @@ def plot_reliability(
 # --------------------------------------------------------------------------- video anomaly scores
 
 
-def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
-    """(start, end) runs of True, end exclusive."""
-    padded = np.concatenate([[False], mask.astype(bool), [False]])
-    d = np.diff(padded.astype(np.int8))
-    return list(zip(np.flatnonzero(d == 1).tolist(), np.flatnonzero(d == -1).tolist(), strict=True))
-
-
 def _event_span(ev: Any) -> tuple[float, float]:
     if isinstance(ev, dict):
         return float(ev["start"]), float(ev["end"])
@@ -320,7 +302,7 @@ def plot_scores_over_time(
     ax = fig.subplots()
     if labels_or_None is not None:
         lab = _to_numpy(labels_or_None).reshape(-1).astype(bool)
-        for k, (a, b) in enumerate(_runs(lab)):
+        for k, (a, b) in enumerate(score_events(lab, 0.5)):  # runs of ground-truth abnormal frames
             ax.axvspan(a - 0.5, b - 0.5, color="orange", alpha=0.25, lw=0, label="abnormal (GT)" if k == 0 else None)
     ax.plot(x, s, lw=1.2, color="tab:blue", label="score")
     if threshold is not None:
@@ -455,7 +437,13 @@ def write_report(
         if png is not None:
             images.insert(0, ("Training curves", png))
 
-    # ---- report.md
+    md = out / "report.md"
+    md.write_text("\n".join(_markdown(title, context, metrics, cm, class_names, csv_path, images)), encoding="utf-8")
+    return md
+
+
+def _markdown(title, context, metrics, cm, class_names, csv_path, images) -> list[str]:
+    """report.md: the run's setting, the metrics table, the weakest classes and most confused pairs, the plots."""
     lines = [f"# {title}", ""]
     if context:
         lines += [_summary_sentence(context), ""]
@@ -502,6 +490,4 @@ def write_report(
     for caption, png in images:
         lines += [f"### {caption}", "", f"![{caption}]({png.name})", ""]
 
-    md = out / "report.md"
-    md.write_text("\n".join(lines), encoding="utf-8")
-    return md
+    return lines
