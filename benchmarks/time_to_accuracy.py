@@ -9,7 +9,7 @@ Runs (`--runs`, in this order, same process):
   tlkit      what `engine.fit` runs, minus its files: `run.build_run` (model, optimizer, schedule, EMA,
              loss, step context), and per epoch `engine.prepare_epoch` (progressive resizing),
              `train_one_epoch`, `evaluate`; fed by `--loader` (auto: the pack resident on the GPU when it
-             fits, see tlkit.data.packed.choose_data_path); progressive resizing and test-time flip come
+             fits, see tlkit.data.data_path.choose_data_path); progressive resizing and test-time flip come
              from the recipe (`--set train.progressive_min_size=32` etc.);
   fit        `tlkit.engine.fit` as the CLI runs it today (albumentations DataLoader; skipped without it).
 
@@ -181,7 +181,7 @@ def _limit(dataset, data):
 def run_tlkit(recipe, device: torch.device, loader_kind: str, pack_root: Path, log) -> dict:
     """`engine.fit`'s own setup (`build_run`) and epoch (`prepare_epoch`, `train_one_epoch`, `evaluate` of
     `eval_model`), fed by `loader_kind`'s data path; only checkpoints and run-folder files are left out."""
-    from tlkit.data.packed import choose_data_path
+    from tlkit.data.data_path import choose_data_path
     from tlkit.engine import eval_model, evaluate, prepare_epoch, train_one_epoch
     from tlkit.run import build_run
 
@@ -241,9 +241,10 @@ def _packs(data, pack_root: Path) -> tuple[Path, Path]:
 
 def _fast_data(recipe, device: torch.device, kind: str, train_pack: Path, val_pack: Path):
     """`RunData` for build_run from the packs: device-side loaders (`gpu`, `packed`) or nvJPEG (`jpeg`)."""
+    from tlkit.data.data_path import make_fast_loader
     from tlkit.data.datasets import scan_split
     from tlkit.data.loader import DataBundle
-    from tlkit.data.packed import PackedDataset, make_fast_loader
+    from tlkit.data.packed import PackedDataset
     from tlkit.run import RunData
 
     data, train_cfg = recipe.data, recipe.train

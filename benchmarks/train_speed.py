@@ -86,7 +86,8 @@ def tile_pack(src: str | Path, out: str | Path, count: int) -> Path:
 def end_to_end_loaders(args, cfg: BenchConfig) -> dict:
     """Row name -> `bench_end_to_end` arguments for the data paths asked for."""
     from tlkit.config import DataConfig
-    from tlkit.data.packed import PackedDataset, make_fast_loader
+    from tlkit.data.data_path import make_fast_loader
+    from tlkit.data.packed import PackedDataset
 
     device = resolve(cfg.device)
     compile = device.type == "cuda" and not args.no_compile

@@ -10,17 +10,9 @@ import torch
 from PIL import Image
 
 from tlkit.config import DataConfig
+from tlkit.data.data_path import choose_data_path, cpu_only_augmentations, make_fast_loader
 from tlkit.data.gpu import DeviceLoader
-from tlkit.data.packed import (
-    PackedDataset,
-    PackedLoader,
-    PackError,
-    choose_data_path,
-    cpu_only_augmentations,
-    make_fast_loader,
-    pack_split,
-    resize_for_pack,
-)
+from tlkit.data.packed import PackedDataset, PackedLoader, PackError, pack_split, resize_for_pack
 from tlkit.paths import data_root
 
 TINY = data_root() / "tiny_imagenet_200"
@@ -174,7 +166,7 @@ def test_choose_data_path(packs, tmp_path):
 @needs_tiny
 def test_build_packed_datasets_finds_packs_by_recipe(packs, tmp_path, monkeypatch):
     from tlkit.config import Recipe
-    from tlkit.data.packed import build_packed_datasets, pack_dirs
+    from tlkit.data.data_path import build_packed_datasets, pack_dirs
 
     root, _, _ = packs
     (tmp_path / "tiny_imagenet_200").symlink_to(root, target_is_directory=True)
