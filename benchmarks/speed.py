@@ -361,6 +361,20 @@ def run_plain_fp32(cfg: BenchConfig, device: torch.device) -> float:
         return time_steps(step, cfg.warmup, cfg.steps, device)
 
 
+def tv_amp_step(model, criterion, optimizer, scaler, images, targets, *, dtype, enabled: bool = True) -> None:
+    """One step as torchvision's classification reference writes it with `--amp` (autocast + GradScaler)."""
+    with torch.autocast(images.device.type, dtype=dtype, enabled=enabled):
+        loss = criterion(model(images), targets)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+
+
 def run_tv_amp(cfg: BenchConfig, device: torch.device) -> float:
     images, targets = synthetic_batch(cfg, device)
     x = _normalized(images)
@@ -372,16 +386,7 @@ def run_tv_amp(cfg: BenchConfig, device: torch.device) -> float:
     scaler = torch.amp.GradScaler("cuda") if cuda else None
 
     def step():
-        with torch.autocast(device.type, dtype=dtype):
-            loss = criterion(model(x), targets)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        tv_amp_step(model, criterion, optimizer, scaler, x, targets, dtype=dtype)
 
     with precision_flags(benchmark=True):
         return time_steps(step, cfg.warmup, cfg.steps, device)

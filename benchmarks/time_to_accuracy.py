@@ -38,6 +38,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from speed import tv_amp_step  # noqa: E402
+
 from tlkit.config import load_recipe, parse_set  # noqa: E402
 from tlkit.paths import resolve_data  # noqa: E402
 
@@ -134,16 +136,7 @@ def run_reference(recipe, device: torch.device, workers: int, log) -> dict:
         model.train()
         for images, targets in train_loader:
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
-                loss = criterion(model(images), targets)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            tv_amp_step(model, criterion, optimizer, scaler, images, targets, dtype=torch.float16, enabled=cuda)
             scheduler.step()
         model.eval()
         correct = total = 0
