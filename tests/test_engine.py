@@ -210,3 +210,34 @@ def test_missing_or_junk_init_file(tmp_path: Path) -> None:
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot load"):
         build_model("resnet18", 5, init=str(junk))
+
+
+def test_mixup_applies_label_smoothing_once() -> None:
+    """With Mixup/CutMix on, the loss is cross-entropy against the mixed one-hot targets smoothed once by ε
+    (it was smoothed in mix_batch and again by the criterion: ε 0.1 acted as 0.19)."""
+    import torch.nn.functional as F
+
+    from tlkit.config import OptimConfig
+    from tlkit.engine import mix_batch, train_step
+    from tlkit.models import create_model
+    from tlkit.run import StepContext
+
+    torch.manual_seed(0)
+    model = create_model("resnet10t", 4).eval()  # eval: both forwards below see the same BatchNorm behaviour
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    targets = torch.arange(8) % 4
+    mean, std = torch.full((1, 3, 1, 1), 127.0), torch.full((1, 3, 1, 1), 64.0)
+    ctx = StepContext(torch.device("cpu"), mean, std, amp="off", channels_last=False)
+    eps = 0.1
+    for mixup, cutmix in ((0.4, 0.0), (0.0, 1.0)):
+        optim = OptimConfig(mixup=mixup, cutmix=cutmix, label_smoothing=eps)
+        criterion = nn.CrossEntropyLoss(label_smoothing=eps)  # what make_criterion builds for this recipe
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        loss = train_step(model, images, targets, criterion, optimizer, ctx, optim,
+                          generator=torch.Generator().manual_seed(7), update=False)  # fmt: skip
+        mixed, soft = mix_batch(ctx.prepare(images), targets, 4, mixup, cutmix, 0.0, torch.Generator().manual_seed(7))
+        assert torch.allclose(soft.sum(1), torch.ones(8)) and (soft.max(1).values < 0.99).sum() >= 4  # mixed rows
+        once = soft * (1 - eps) + eps / 4
+        with torch.no_grad():
+            expected = -(once * F.log_softmax(model(mixed), dim=1)).sum(1).mean()
+        assert float(loss) == pytest.approx(float(expected), rel=1e-5)

@@ -90,9 +90,8 @@ def train_step(
     soft = targets
     if optim.mixup > 0 or optim.cutmix > 0:
         num_classes = unwrap(model).num_classes
-        images, soft = mix_batch(
-            images, targets, num_classes, optim.mixup, optim.cutmix, optim.label_smoothing, generator
-        )
+        # smoothing 0 here: the criterion smooths soft targets too, so smoothing in both would apply ε twice
+        images, soft = mix_batch(images, targets, num_classes, optim.mixup, optim.cutmix, 0.0, generator)
     with autocast_for(ctx.device, ctx.amp):
         loss = criterion(model(images).float(), soft)
     (loss / max(1, optim.accum_steps)).backward()
