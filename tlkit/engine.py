@@ -23,7 +23,7 @@ from tlkit.checkpoint import BEST, LAST, save_checkpoint, state_digest
 from tlkit.config import OptimConfig, Recipe
 from tlkit.data.transforms import train_transform
 from tlkit.distributed import all_gather_cat, all_gather_object, all_reduce_sum, broadcast_tensors
-from tlkit.optim import ModelEma
+from tlkit.optim import ModelEma, recipe_lr
 from tlkit.progress import Progress, console
 from tlkit.run import Run, StepContext, autocast_for, build_run, distributed_model, unwrap
 from tlkit.run_folder import RunWriters, checkpoint_meta, epoch_line, open_run_dir, training_state
@@ -185,7 +185,7 @@ def train_one_epoch(
         step = i + 1
         if progress is not None and (i % 10 == 0 or step == end):
             ips = (seen - seen0) * ctx.info.world / max(time.perf_counter() - t0, 1e-9)
-            progress.update(task, completed=step, loss=float(loss), lr=optimizer.param_groups[0]["lr"], ips=ips)
+            progress.update(task, completed=step, loss=float(loss), lr=recipe_lr(optimizer), ips=ips)
         if on_step is not None:
             on_step(step, loss_sum, seen, skipped)
     seconds = time.perf_counter() - t0
@@ -326,7 +326,7 @@ def fit(recipe: Recipe, *, kind: str = "pretrain", resume: str | Path | None = N
             row = {
                 "epoch": epoch,
                 "train_loss": stats["train_loss"],
-                "lr": run.optimizer.param_groups[0]["lr"],
+                "lr": recipe_lr(run.optimizer),
                 "img_per_s": stats["img_per_s"],
             }
             if data.val_loader is not None and (epoch % recipe.train.eval_every == 0 or epoch == recipe.train.epochs):

@@ -56,6 +56,15 @@ def build_optimizer(
     raise ValueError(f"unknown optimizer {cfg.name!r}; use sgd or adamw")
 
 
+def recipe_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The run's LR at this point of the schedule, before per-group multipliers: what metrics.jsonl, TensorBoard
+    and the progress bar show. (Group 0 is the stem, which layer decay puts far below it.)"""
+    for group in optimizer.param_groups:
+        if group.get("lr_mult", 1.0) > 0:
+            return group["lr"] / group.get("lr_mult", 1.0)
+    return 0.0
+
+
 def lr_factor(step: int, total_steps: int, warmup_steps: int, cfg: OptimConfig, steps_per_epoch: int) -> float:
     """Multiplier on the base LR at a given optimizer step: linear warmup, then cosine / step / constant."""
     if warmup_steps and step < warmup_steps:
