@@ -53,9 +53,14 @@ def run_training(
     return task_of(recipe).train(recipe, kind=kind, resume=resume, quiet=quiet)
 
 
-def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, **options) -> dict:
-    """`tlkit evaluate`: the checkpoint's task writes metrics.json + report for a labelled split of `data`
-    (options: split, out, batch_size, device, quiet; see the task's `evaluate`)."""
+def evaluate_checkpoint(
+    checkpoint: str | Path, data: str | Path, *, split: str = "val", out: str | Path | None = None, **options
+) -> dict:
+    """`tlkit evaluate`: the checkpoint's task writes metrics.json + report for a labelled split of `data` into
+    `out` (default: `eval-<split>` beside the checkpoint); options: batch_size, device, quiet."""
     path = resolve_checkpoint(checkpoint)
     ckpt = load_tlkit_checkpoint(path)
-    return task_of(ckpt).evaluate(ckpt, path, data, **options)
+    out = Path(out) if out else path.parent / f"eval-{split}"
+    metrics = task_of(ckpt).evaluate(ckpt, path, data, split=split, out=out, **options)
+    console.print(f"report: {out / 'report.md'}")
+    return metrics

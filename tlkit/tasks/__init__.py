@@ -28,7 +28,8 @@ class Task:
     name: str
     # train(recipe, *, kind, resume, quiet) -> run folder: fit, post-training pass (calibration, report), best.pt
     train: Callable[..., Path]
-    # evaluate(ckpt, checkpoint_path, data, *, split, out, batch_size, device, quiet) -> metrics dict (+ report)
+    # evaluate(ckpt, checkpoint_path, data, *, split, out, batch_size, device, quiet) -> metrics dict; writes the
+    # report into `out` (chosen by `workflows.evaluate_checkpoint`: default eval-<split> beside the checkpoint)
     evaluate: Callable[..., dict]
     # load_predictor(checkpoint_path, device) -> the object the demos and `tlkit predict` run
     load_predictor: Callable[..., Any]

@@ -170,22 +170,19 @@ def evaluate_checkpoint(
     data: str | Path,
     *,
     split: str = "val",
-    out: Path | None = None,
+    out: Path,
     batch_size: int = 64,
     device: str = "auto",
     quiet: bool = False,
 ) -> dict:
     """`tlkit evaluate` on labelled clips laid out like ucsd_ped2's val/ (`<clip>/NNN.jpg` + labels.csv):
-    metrics.json + report in `out` (default: `eval-<split>` next to the checkpoint); returns the summary."""
+    metrics.json + report in `out`; returns the summary."""
     from tlkit.paths import resolve_data
-    from tlkit.progress import console
     from tlkit.tasks.anomaly.scorer import load_scorer
 
     scorer = load_scorer(ckpt, device=device)
     cfg = ckpt["recipe"].get("anomaly") or {}
     clips = split_clips(resolve_data(data), split)
     results = evaluate_clips(scorer, clips, smooth_window=cfg.get("smooth_window", 9), batch_size=batch_size)
-    out = Path(out) if out else Path(checkpoint).parent / f"eval-{split}"
-    write_anomaly_report(out, results, ckpt, data=str(data), split=split)
-    console.print(f"report: {out / 'report.md'}")
+    write_anomaly_report(Path(out), results, ckpt, data=str(data), split=split)
     return summary(results)

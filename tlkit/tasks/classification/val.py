@@ -15,7 +15,7 @@ from tlkit.data.datasets import ImageDataset, scan_split
 from tlkit.data.transforms import Preprocessing, eval_transform, norm_tensors
 from tlkit.engine import predict_logits, topk_metrics
 from tlkit.paths import resolve_data
-from tlkit.progress import Progress, console
+from tlkit.progress import Progress
 from tlkit.run import StepContext, resolve_device
 
 
@@ -114,25 +114,23 @@ def evaluate_checkpoint(
     data: str | Path,
     *,
     split: str = "val",
-    out: Path | None = None,
+    out: Path,
     batch_size: int = 64,
     device: str = "auto",
     quiet: bool = False,
 ) -> dict:
-    """`tlkit evaluate`: metrics.json + report/ for any labelled split in the checkpoint's classes."""
+    """`tlkit evaluate`: metrics.json + report in `out` for any labelled split in the checkpoint's classes."""
     logits, targets, skipped = checkpoint_logits(ckpt, data, split, batch_size=batch_size, device=device, quiet=quiet)
-    out = Path(out) if out else Path(checkpoint).parent / f"eval-{split}"
     metrics = write_checkpoint_report(
         ckpt,
         logits,
         targets,
-        out,
+        Path(out),
         data=data,
         split=split,
         title=f"tlkit evaluation: {Path(checkpoint)}",
         extra={"skipped_images": skipped},
     )
-    console.print(f"report: {out / 'report.md'}")
     return metrics
 
 
