@@ -18,17 +18,11 @@ def train(recipe: Recipe, *, kind: str = "pretrain", resume: str | Path | None =
     if kind == "finetune" and recipe.finetune is None:
         recipe = replace(recipe, finetune={})  # fine-tuning always has a strategy (the defaults: full)
     result = fit(recipe, kind=kind, resume=resume, quiet=quiet)
-    if not _is_main():
+    if not result.extras["ctx"].info.is_main:  # other DDP ranks: rank 0 calibrates and reports
         return result.run_dir
     has_val = post_train(result, recipe, kind, quiet=quiet)
     _print_next(result, recipe, kind, has_val)
     return result.run_dir
-
-
-def _is_main() -> bool:
-    import torch.distributed as dist
-
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def post_train(result, recipe: Recipe, kind: str, *, quiet: bool = False) -> bool:
