@@ -61,6 +61,10 @@ def test_bad_recipe_name() -> None:
     _assert_user_error(runner.invoke(app, ["pretrain", "--recipe", "no-such-recipe"]), "unknown recipe")
 
 
+def test_finetune_needs_a_recipe_or_a_run_to_resume() -> None:
+    _assert_user_error(runner.invoke(app, ["finetune", "--init", "scratch"]), "--recipe")
+
+
 @pytest.mark.parametrize(
     ("sets", "needle"),
     [

@@ -142,7 +142,7 @@ def runs(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
             killed[proc.name]["model"] = ckpt["model"]  # the state the resumed run starts from
         b2 = _launch(base, "B", resume=True)
         c2 = _launch(base, "C", resume=True)
-        e2 = _launch(base, "E", resume=True, command=[*FINETUNE[:3], *FINETUNE[-2:]])  # --recipe, --epochs
+        e2 = _launch(base, "E", resume=True, command=[FINETUNE[0], *FINETUNE[-2:]])  # no --recipe: the run has one
         procs += [b2, c2, e2]
         for proc in (a, b2, c2, d, e2):
             rc = proc.wait(timeout=max(60.0, deadline - time.monotonic()))
@@ -151,7 +151,15 @@ def runs(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
         for proc in procs:
             if proc.popen.poll() is None:
                 proc.popen.kill()
-    return {"A": a.run_dir, "B": b.run_dir, "C": c.run_dir, "D": d.run_dir, "E": e.run_dir, "killed": killed}
+    return {
+        "A": a.run_dir,
+        "B": b.run_dir,
+        "C": c.run_dir,
+        "D": d.run_dir,
+        "E": e.run_dir,
+        "killed": killed,
+        "E_resumed_log": e2.log,
+    }
 
 
 def _assert_same_run(ref: Path, other: Path, epochs: int = EPOCHS) -> None:
@@ -203,3 +211,5 @@ def test_freeze_unfreeze_with_ema_resumes_exactly_across_the_unfreeze(runs: dict
     # the body the resumed run started from was still the frozen one: it trained after the unfreeze
     body = [k for k, v in model.items() if not k.startswith("fc.") and k.endswith(".weight") and v.ndim == 4]
     assert body and all(not torch.equal(state["model"][k], last["model"][k]) for k in body)
+    # and the resumed run says so, as an uninterrupted one does at that epoch
+    assert "epoch 2: body unfrozen" in runs["E_resumed_log"].read_text()

@@ -110,7 +110,10 @@ def pretrain(
 
 @app.command()
 def finetune(
-    recipe: Annotated[str, typer.Option("--recipe", help="medical, traffic-signs, surveillance or a YAML path.")],
+    recipe: Annotated[
+        str | None,
+        typer.Option("--recipe", help="medical, traffic-signs, surveillance or a YAML path (not with --resume)."),
+    ] = None,
     init: Annotated[
         str | None,
         typer.Option(
@@ -135,10 +138,12 @@ def finetune(
 ) -> None:
     """Fine-tune pretrained weights with a recipe; writes checkpoints and a report/ folder."""
     options = dict(locals())
+    if recipe is None and resume is None:
+        _fail("finetune needs --recipe (or --resume <run> to continue one); `tlkit recipes` lists them")
     _train("finetune", options.pop("recipe"), options.pop("resume"), options.pop("quiet"), options)
 
 
-def _train(kind: str, recipe: str, resume: str | None, quiet: bool, options: dict) -> None:
+def _train(kind: str, recipe: str | None, resume: str | None, quiet: bool, options: dict) -> None:
     """pretrain and finetune: options -> recipe overrides -> one training run."""
     from tlkit.workflows import run_training
 

@@ -29,6 +29,7 @@ class Strategy:
         self.stages = body_stages(model)
         self.body = {n for stage in self.stages for n in stage}
         self.frozen = False
+        self.started = False  # the first epoch of this process (1, or the one a resumed run starts at)
 
     def lr_multipliers(self) -> dict[str, float]:
         mults = {name: self.cfg.head_lr_mult for name in self.head}
@@ -50,13 +51,13 @@ class Strategy:
         wrapper must then be rebuilt: it only reduces what required grad when it was made)."""
         frozen = self.body_frozen_at(epoch)
         before = self.trainable()
-        if frozen != self.frozen or epoch == 1:
+        if frozen != self.frozen or not self.started:
             for name, p in self.model.named_parameters():
                 if name in self.body:
                     p.requires_grad_(not frozen)
             if console is not None and self.cfg.strategy != "full":
                 console.print(f"epoch {epoch}: body {'frozen (head only)' if frozen else 'unfrozen (all layers)'}")
-        self.frozen = frozen
+        self.frozen, self.started = frozen, True
         return self.trainable() != before
 
     def freeze_norm_stats(self) -> None:

@@ -42,7 +42,7 @@ def resume_recipe(resume: str | Path, overrides: dict) -> Recipe:
 
 
 def run_training(
-    recipe_name: str, overrides: dict, *, kind: str, resume: str | None = None, quiet: bool = False
+    recipe_name: str | None, overrides: dict, *, kind: str, resume: str | None = None, quiet: bool = False
 ) -> Path:
     """Load the recipe (or the resumed run's own), pick the init, and let the recipe's task train it
     (fit, calibrate, report). Returns the run folder."""
