@@ -7,11 +7,14 @@ exactly), and on a small shared CPU one thread is much faster than several compe
 
 from __future__ import annotations
 
+import os
+
 from tlkit.paths import set_offline_env
 
 set_offline_env()
+# tlkit follows the user's hub settings; the tests never download (a published `--init` reads a tmp cache).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import os  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 from dataclasses import dataclass  # noqa: E402

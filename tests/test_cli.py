@@ -252,3 +252,98 @@ def test_finetune_default_init_is_the_newest_pretrain_run(
     body = [k for k in init if not k.startswith("fc.")]
     assert body and all(torch.equal(tuned["model"][k], init[k]) for k in body)
     assert tuned["model"]["fc.weight"].shape[0] == 3 != init["fc.weight"].shape[0]
+
+
+# ---- the command tree: help everywhere, --version, completion, recipes ---------------------------------------
+
+
+def _walk(command, path: str = "tlkit"):
+    yield path, command
+    for name, sub in sorted(getattr(command, "commands", {}).items()):
+        yield from _walk(sub, f"{path} {name}")
+
+
+def test_every_option_and_argument_has_help() -> None:
+    import typer
+
+    tree = list(_walk(typer.main.get_command(app)))
+    assert {path.split()[-1] for path, _ in tree} >= set(COMMANDS)
+    params = [(f"{path} {p.name}", getattr(p, "help", None) or "") for path, cmd in tree for p in cmd.params]
+    assert len(params) > 60 and [name for name, text in params if not text.strip()] == []
+    root = dict(tree)["tlkit"]
+    assert {"--version", "--install-completion", "--show-completion"} <= {o for p in root.params for o in p.opts}
+
+
+def test_version_comes_from_the_package_metadata() -> None:
+    from importlib.metadata import version
+
+    import tlkit
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"tlkit {version('tlkit')}" == f"tlkit {tlkit.__version__}"
+
+
+def test_help_shows_the_choices() -> None:
+    wide = {"COLUMNS": "250"}  # rich wraps help at the terminal width
+    finetune = runner.invoke(app, ["finetune", "--help"], env=wide).stdout
+    assert "linear-probe|full|freeze-unfreeze" in finetune and "auto|cpu|cuda|cuda:N" in finetune
+    from tlkit.config import available_recipes
+
+    names = list(available_recipes())
+    assert {"imagenet", "medical", "traffic-signs"} <= set(names) and ", ".join(names) in finetune
+    assert "onnx|pt2" in runner.invoke(app, ["export", "--help"], env=wide).stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["export", "--checkpoint", "x.pt", "--format", "torchscript"], "'torchscript' is not one of 'onnx', 'pt2'"),
+        (["evaluate", "--checkpoint", "x.pt", "--data", "d", "--device", "cuda:x"], "'cuda:x' is not one of"),
+        (["pretrain", "--no-such-option"], "No such option: --no-such-option"),
+        (["no-such-command"], "No such command 'no-such-command'"),
+        (["export"], "Missing option '--checkpoint'"),
+    ],
+)
+def test_usage_errors_are_one_line(args: list[str], needle: str) -> None:
+    _assert_user_error(runner.invoke(app, args), needle)
+
+
+def test_recipes_show_prints_the_resolved_recipe(tmp_path: Path) -> None:
+    import yaml
+
+    from tlkit.config import load_recipe, to_dict
+
+    result = runner.invoke(app, ["recipes", "--show", "traffic-signs", "--cpu"])
+    assert result.exit_code == 0, result.output
+    shown = yaml.safe_load(result.stdout)
+    assert shown == to_dict(load_recipe("traffic-signs"))  # every field, defaults filled in
+    assert shown["data"]["roi_crop"] is True and shown["data"]["interpolation"] == "bilinear"
+    assert result.stdout.startswith("# ") and "traffic-signs.yaml, without its gpu: block" in result.stdout
+    on_gpu = yaml.safe_load(runner.invoke(app, ["recipes", "--show", "traffic-signs", "--gpu"]).stdout)
+    assert (on_gpu["train"]["epochs"], shown["train"]["epochs"]) == (30, 6)
+    # a recipe can be a path to a YAML file, here and wherever --recipe is taken
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("description: mine\ndata:\n  name: gtsrb\n  img_size: 32\n")
+    result = runner.invoke(app, ["recipes", "--show", str(mine)])
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load(result.stdout)["data"]["img_size"] == 32
+    _assert_user_error(runner.invoke(app, ["recipes", "--show", str(tmp_path / "gone.yaml")]), "recipe file not found")
+    _assert_user_error(runner.invoke(app, ["recipes", "--show", "nope"]), "unknown recipe 'nope'")
+
+
+@pytest.mark.parametrize(
+    ("words", "expected"),
+    [
+        ("tlkit finetune --strategy ", ["linear-probe", "full", "freeze-unfreeze"]),
+        ("tlkit export --checkpoint x --format ", ["onnx", "pt2"]),
+        ("tlkit finetune --recipe traf", ["traffic-signs"]),
+        ("tlkit fine", ["finetune"]),
+    ],
+)
+def test_shell_completion(words: str, expected: list[str]) -> None:
+    """What bash gets back from `tlkit` for a partly typed command line (the script from --install-completion)."""
+    env = {"_TLKIT_COMPLETE": "complete_bash", "COMP_WORDS": words, "COMP_CWORD": str(len(words.split(" ")) - 1)}
+    result = runner.invoke(app, [], env=env, prog_name="tlkit")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.split() == expected

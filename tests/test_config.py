@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -76,10 +77,17 @@ def test_later_set_wins_and_empty_value() -> None:
     [
         (["optim.lrr=0.1"], "lrr"),
         (["nosuch.key=1"], "nosuch"),
-        (["train.epochs=abc"], "train.epochs must be int"),
-        (["train.epochs=2.5"], "train.epochs must be int"),
-        (["model.channels_last=3"], "true or false"),
-        (["optim.lr=fast"], "optim.lr must be float"),
+        (["train.epochs=abc"], "train.epochs='abc' is not allowed: use an integer >= 1"),
+        (["train.epochs=2.5"], "train.epochs=2.5 is not allowed: use an integer >= 1"),
+        (["train.epochs=true"], "train.epochs=True is not allowed: use an integer"),
+        (["model.channels_last=3"], "model.channels_last=3 is not allowed: use true or false"),
+        (["optim.lr=fast"], "optim.lr='fast' is not allowed: use a number > 0"),
+        (["optim.lr=.nan"], "optim.lr=nan is not allowed"),
+        (["data.hflip=true"], "data.hflip=True is not allowed: use a number from 0 to 1"),
+        (["data.name=5"], "data.name=5 is not allowed: use a string"),
+        (["anomaly.layers=[1, -2]"], "anomaly.layers=[1, -2] is not allowed: use a list, each an integer >= 0"),
+        (["task=detect"], "task='detect' is not allowed: use one of classify, anomaly"),
+        (["optim.momentum=0"], "optim.nesterov=True is not allowed with optim.momentum=0"),
         (["data=3"], "needs a section"),
         (["lr=0.1"], "needs a section"),
         (["optim.lr"], "key=value"),
@@ -110,7 +118,7 @@ def test_broken_recipe_files(tmp_path: Path) -> None:
         load_recipe(str(listing))
     section = tmp_path / "section.yaml"
     section.write_text("train: 3\n")
-    with pytest.raises(RecipeError, match="'train' must be a mapping"):
+    with pytest.raises(RecipeError, match="^train=3 is not allowed: use a mapping of train fields"):
         load_recipe(str(section))
 
 
@@ -149,3 +157,138 @@ def test_run_config_yaml_round_trips(trained_run) -> None:
     assert from_file.model.arch == "resnet10t" and from_file.data.img_size == 32 and from_file.train.epochs == 4
     assert from_file.data.max_per_class == 40 and from_file.optim.lr == 0.4
     assert from_file.data.name == str(trained_run.data) and from_file.train.out == str(trained_run.run_dir)
+
+
+# ---- validation at load: every field has a type, and choices or a range where it needs one ----------------------
+
+# The issue's examples, each through the CLI: (arguments after `finetune --recipe medical`, what the line must name).
+ISSUE_EXAMPLES = [
+    (["--set", "optim.schedule=cosin"], ["optim.schedule='cosin'", "one of cosine, step, constant"]),
+    (["--set", "optim.name=adam"], ["optim.name='adam'", "one of sgd, adamw"]),
+    (["--set", "data.crop_mode=sqush"], ["data.crop_mode='sqush'", "one of center, squash (did you mean squash?)"]),
+    (["--set", "data.hflip=7"], ["data.hflip=7", "a number from 0 to 1"]),
+    (["--set", "train.epochs=0"], ["train.epochs=0", "an integer >= 1"]),
+    (["--set", "data.img_size=0"], ["data.img_size=0", "an integer >= 16"]),
+    (["--set", "data.interpolation=cubic"], ["data.interpolation='cubic'", "nearest, bilinear, bicubic, area"]),
+    (["--set", "finetune.threshold_method=best"], ["finetune.threshold_method='best'", "youden, f1, sensitivity"]),
+    (["--set", "train.device=gpu"], ["train.device='gpu'", "auto, cpu, cuda or cuda:N"]),
+    (["--strategy", "foo"], ["'--strategy'", "'foo'", "'linear-probe', 'full', 'freeze-unfreeze'"]),
+    (["--device", "gpu"], ["'--device'", "'gpu'", "auto, cpu, cuda or cuda:N"]),
+    (["--epochs", "0"], ["'--epochs'", "greater than or equal to 1"]),
+    (["--img-size", "8"], ["'--img-size'", "greater than or equal to 16"]),
+]
+
+
+@pytest.mark.parametrize(("args", "needles"), ISSUE_EXAMPLES, ids=[" ".join(a) for a, _ in ISSUE_EXAMPLES])
+def test_bad_values_fail_at_load_through_the_cli(args: list[str], needles: list[str], tmp_path: Path) -> None:
+    """Exit 2, one `error:` line naming the key, the bad value and what is allowed, before any run folder exists."""
+    from typer.testing import CliRunner
+
+    from tlkit.cli import app
+
+    out = tmp_path / "run"
+    cli = ["finetune", "--recipe", "medical", "--init", "scratch", "--out", str(out), "--quiet", *args]
+    result = CliRunner().invoke(app, cli)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert not out.exists() and not (tmp_path / "runs").exists()  # $TLKIT_RUNS (conftest) untouched too
+
+
+def test_section_that_is_not_a_mapping_fails_even_when_options_replace_it(tmp_path: Path, tiny_root: Path) -> None:
+    """`data: 5` in a recipe file used to be replaced silently by --data; now the file itself is wrong."""
+    from typer.testing import CliRunner
+
+    from tlkit.cli import app
+
+    recipe = tmp_path / "five.yaml"
+    recipe.write_text("data: 5\ntrain:\n  epochs: 1\n")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["pretrain", "--recipe", str(recipe), "--data", str(tiny_root), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    expected = "error: data=5 is not allowed: use a mapping of data fields (indented key: value lines)"
+    assert result.stderr.strip() == expected
+    assert not out.exists()
+    with pytest.raises(RecipeError, match=r"^gpu\.train='big' is not allowed"):
+        recipe.write_text("gpu:\n  train: big\n")
+        load_recipe(str(recipe))
+
+
+def test_gpu_block_is_checked_on_a_cpu_machine(tmp_path: Path) -> None:
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text("train:\n  epochs: 2\ngpu:\n  data:\n    img_size: 0\n")
+    with pytest.raises(RecipeError, match=r"gpu: block of typo.yaml: data.img_size=0 is not allowed"):
+        load_recipe(str(recipe), cuda=False)
+    recipe.write_text("gpu:\n  optim:\n    lrr: 0.1\n")
+    with pytest.raises(RecipeError, match=r"unknown key\(s\) in optim: lrr \(did you mean optim.lr\?\)"):
+        load_recipe(str(recipe), cuda=False)
+
+
+@pytest.mark.parametrize("name", sorted(available_recipes()))
+@pytest.mark.parametrize("cuda", [False, True])
+def test_every_shipped_recipe_validates(name: str, cuda: bool) -> None:
+    recipe = load_recipe(name, cuda=cuda)
+    assert recipe.name == name
+    assert recipe_from_dict(to_dict(recipe)) == recipe  # what a checkpoint stores loads back, checked again
+
+
+def test_replace_and_checkpoint_recipes_are_checked_too() -> None:
+    r = load_recipe("imagenet")
+    with pytest.raises(RecipeError, match=r"^train.epochs=0 is not allowed"):
+        replace(r, train={"epochs": 0})
+    bad = to_dict(r)
+    bad["optim"]["schedule"] = "cosin"  # e.g. a hand-edited config.yaml given back as a recipe
+    with pytest.raises(RecipeError, match=r"^optim.schedule='cosin'"):
+        recipe_from_dict(bad)
+
+
+def test_rules_match_what_the_consumers_accept() -> None:
+    """The choices the config allows are exactly the values the code that reads them handles."""
+    import tlkit.config as config
+    from tlkit.data.data_path import LOADERS
+    from tlkit.data.datasets import LAYOUTS
+    from tlkit.data.transforms import _INTERPOLATIONS
+    from tlkit.optim import build_optimizer, lr_factor
+    from tlkit.tasks import TASKS
+    from tlkit.tasks.anomaly.post import choose_alert_threshold
+    from tlkit.tasks.classification.val import fit_operating_point
+    from tlkit.transfer import Strategy
+
+    assert tuple(_INTERPOLATIONS) == config.INTERPOLATIONS
+    assert config.LAYOUTS == LAYOUTS and config.LOADERS == LOADERS
+    assert config.TASKS is TASKS
+    import timm
+
+    net = timm.create_model("resnet10t", num_classes=3)
+    for strategy in config.STRATEGIES:
+        assert Strategy(net, config.FinetuneConfig(strategy=strategy)).lr_multipliers()
+    model = torch.nn.Linear(2, 2)
+    for name in config.OPTIMIZERS:
+        assert build_optimizer(model, config.OptimConfig(name=name), 0.1).param_groups
+    for schedule in config.SCHEDULES:
+        assert 0 < lr_factor(5, 10, 0, config.OptimConfig(schedule=schedule), 1) <= 1
+    scores, labels = [0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]
+    logits = np.log(np.array([[1 - p, p] for p in scores]))
+    for method in config.THRESHOLD_METHODS:
+        ft = {"threshold_method": method, "temperature_scaling": False}
+        assert 0 <= fit_operating_point(logits, np.array(labels), 1, ft)[1] <= 1
+    for method in config.ALERT_THRESHOLD_METHODS:
+        assert 0 <= choose_alert_threshold(scores, labels, method=method) <= 1
+
+
+def test_every_numeric_field_has_a_range() -> None:
+    """A new int/float field needs its `rule(...)`: a number without bounds is how `train.epochs=0` slipped by."""
+    from dataclasses import fields
+
+    from tlkit.config import _SECTIONS, _type_hints
+
+    missing = [
+        f"{section}.{f.name}"
+        for section, cls in _SECTIONS.items()
+        for f in fields(cls)
+        if _type_hints(cls)[f.name] in (int, float, tuple[int, ...], tuple[float, ...])
+        and not {"ge", "gt", "le", "lt"} & set(f.metadata)
+    ]
+    assert missing == []

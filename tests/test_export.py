@@ -1,4 +1,4 @@
-"""tlkit.export: ONNX and TorchScript exports of a real (tiny) checkpoint, parity on real val images."""
+"""tlkit.export: ONNX and torch.export (.pt2) exports of a real (tiny) checkpoint, parity on real val images."""
 
 from __future__ import annotations
 
@@ -98,37 +98,44 @@ def test_onnx_export_parity_and_sidecar(best_pt: Path, ckpt: dict) -> None:
         assert np.abs(raw - expected).max() > 1e-3  # EMA really differs, so the check above means something
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
-def test_torchscript_export_carries_metadata(ckpt: dict, tmp_path: Path) -> None:
-    from tlkit.export import export_checkpoint, read_torchscript_metadata
+def test_pt2_export_carries_metadata(ckpt: dict, tmp_path: Path) -> None:
+    """torch.export replaces the TorchScript trace: a .pt2 ExportedProgram that loads without tlkit or timm, runs any
+    batch size, and carries the calibration (temperature, threshold) that best.pt stores."""
+    from tlkit.export import export_checkpoint, read_pt2_metadata
 
     calibrated = {**ckpt, "temperature": 1.7, "threshold": 0.3}  # what calibration stores in best.pt
-    out = tmp_path / "model.torchscript.pt"
-    result = export_checkpoint(calibrated, format="torchscript", out=out)
-    assert result["path"] == out and result["format"] == "torchscript"
+    out = tmp_path / "model.pt2"
+    result = export_checkpoint(calibrated, format="pt2", out=out)
+    assert result["path"] == out and result["format"] == "pt2" and out.is_file()
     assert result["max_abs_diff"] <= 1e-5  # the same kernels: practically exact
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".model.pt2")], "temp files left"
 
-    embedded = read_torchscript_metadata(out)
-    sidecar = json.loads((tmp_path / "model.torchscript.pt.json").read_text())
+    embedded = read_pt2_metadata(out)
+    sidecar = json.loads((tmp_path / "model.pt2.json").read_text())
     for meta in (embedded, sidecar):
-        assert meta["temperature"] == 1.7 and meta["threshold"] == 0.3
+        assert meta["temperature"] == 1.7 and meta["threshold"] == 0.3 and meta["format"] == "pt2"
         assert meta["classes"] == ckpt["classes"] and meta["preprocessing"] == ckpt["preprocessing"]
-    assert "parity" in sidecar
+        assert meta["exporter"].startswith("torch.export") and meta["weights"] == "ema"
+    assert sidecar["parity"]["runtime"] == "torch.export.load" and "real val image" in sidecar["parity"]["inputs"]
 
-    loaded = torch.jit.load(str(out))
-    ema_model = model_from_checkpoint(ckpt)
-    for batch, x in _real_batches(ckpt).items():
+    program = torch.export.load(str(out))
+    assert isinstance(program, torch.export.ExportedProgram)
+    module = program.module()
+    ema_model, raw_model = model_from_checkpoint(ckpt), model_from_checkpoint(ckpt, use_ema=False)
+    batches = _real_batches(ckpt)
+    for batch, x in [*batches.items(), (5, torch.cat([batches[3], batches[1], batches[1]]))]:  # 5: never traced
         with torch.no_grad():
-            got, expected = loaded(x), ema_model(x)
+            got, expected, raw = module(x), ema_model(x), raw_model(x)
         assert got.shape == (batch, 5)
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+        assert (raw - expected).abs().max() > 1e-3  # EMA really differs, so the check above means something
 
 
 def test_parity_gap_raises_and_writes_nothing(ckpt: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An export that does not compute what torch computes (here: a head bias nudged by 0.01) is refused."""
     import tlkit.export as export
 
-    real_export = export._export_torchscript
+    real_export = export._export_pt2
 
     def perturbed(model, example, path, metadata):
         bad = copy.deepcopy(model)
@@ -136,10 +143,10 @@ def test_parity_gap_raises_and_writes_nothing(ckpt: dict, tmp_path: Path, monkey
             bad.get_classifier().bias.add_(0.01)
         real_export(bad, example, path, metadata)
 
-    monkeypatch.setattr(export, "_export_torchscript", perturbed)
-    out = tmp_path / "bad.pt"
+    monkeypatch.setattr(export, "_export_pt2", perturbed)
+    out = tmp_path / "bad.pt2"
     with pytest.raises(ValueError, match="parity check failed") as info:
-        export.export_checkpoint(ckpt, format="torchscript", out=out, tolerance=1e-3)
+        export.export_checkpoint(ckpt, format="pt2", out=out, tolerance=1e-3)
     assert "\n" not in str(info.value) and "0.01" in str(info.value)
     assert list(tmp_path.iterdir()) == [], "a failed export must leave nothing behind"
 
@@ -147,6 +154,19 @@ def test_parity_gap_raises_and_writes_nothing(ckpt: dict, tmp_path: Path, monkey
 def test_unknown_format_is_one_line_error(best_pt: Path) -> None:
     from tlkit.export import export_checkpoint
 
-    with pytest.raises(ValueError, match="unknown export format 'tflite'; use onnx or torchscript") as info:
+    with pytest.raises(ValueError, match="unknown export format 'tflite'; use onnx or pt2$") as info:
         export_checkpoint(best_pt, format="tflite")
     assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="replaced by torch.export"):
+        export_checkpoint(best_pt, format="torchscript")
+
+
+def test_cli_format_choices_are_the_exporters() -> None:
+    """`tlkit export --format` offers exactly the formats export_checkpoint writes (typer shows them in --help)."""
+    import typing
+
+    from tlkit.cli import export as export_command
+    from tlkit.export import FORMATS
+
+    hint = typing.get_type_hints(export_command, include_extras=True)["format"]
+    assert typing.get_args(typing.get_args(hint)[0]) == tuple(FORMATS) == ("onnx", "pt2")

@@ -95,7 +95,8 @@ def traffic_checkpoint(base: Path) -> Path:
             return best
         classes = ["01", "14", "25", "38"]
         root = link_subset(data_root() / "gtsrb", base / "gtsrb", {"train": 12, "val": 4}, classes)
-        (root / "classes.csv").symlink_to(data_root() / "gtsrb" / "classes.csv")
+        for name in ("classes.csv", "train_labels.csv", "val_labels.csv"):  # names, and the ROI boxes
+            (root / name).symlink_to(data_root() / "gtsrb" / name)
         overrides = {
             **TINY_CLASSIFY,
             "data": {"name": str(root), "img_size": 48, "num_workers": 0},

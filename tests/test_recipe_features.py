@@ -5,7 +5,7 @@ builds) produces on the real sample data:
 - medical `optim.loss: weighted-ce`: the criterion weights are the inverse class frequencies of the train split;
 - `data.sampler: balanced`: an epoch draws NORMAL and PNEUMONIA about equally from the 1:2.9 chest_xray split;
 - `finetune.threshold_method: sensitivity`: the stored threshold reaches `target_sensitivity` on val;
-- `--set data.name=malaria --set data.grayscale=false`: colour cells stay in colour, radiographs are grey;
+- the malaria recipe (`base: medical`, colour): colour cells stay in colour, radiographs are grey;
 - `classes.txt` next to an ImageFolder tree names the classes in the checkpoint and the report.
 
 Runs are tiny (resnet10t, 32 px, a few dozen images, 1 epoch, from scratch) and shared per module.
@@ -309,6 +309,13 @@ def test_sensitivity_threshold_reaches_the_target_on_val(medical_run: dict):
     metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
     assert metrics["threshold"] == pytest.approx(thr)
     assert metrics["sensitivity"] == pytest.approx(sensitivity(thr)) and metrics["sensitivity"] >= TARGET_SENSITIVITY
+    # ... in-sample; beside it the cross-fitted numbers (each val half called with the other half's fit), for
+    # the recipe's rule and for argmax, in the report, the checkpoint (the demo's text) and the calibration.
+    held = ckpt["calibration"]["heldout"]
+    assert held["folds"] == 2 and held["method"] == "sensitivity"
+    for key in ("sensitivity", "specificity"):
+        assert metrics[f"heldout_{key}"] == ckpt["val_metrics"][f"heldout_{key}"] == pytest.approx(held["chosen"][key])
+        assert metrics[f"heldout_argmax_{key}"] == pytest.approx(held["argmax"][key])
 
 
 # ---- balanced sampler ------------------------------------------------------------------------------------------
@@ -360,20 +367,17 @@ def spread_indices(dataset, n: int = 16) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def malaria_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The README's `tlkit finetune --recipe medical --set data.name=malaria --set data.grayscale=false`,
-    through the CLI, tiny."""
+    """`tlkit finetune --recipe malaria` (the medical defaults, colour cells) through the CLI, tiny."""
     if not (data_dir / "malaria" / "train").is_dir():
         pytest.skip(f"malaria sample not found under {data_dir}")
     out = tmp_path_factory.mktemp("malaria") / "run"
     sets = [
-        "data.name=malaria",
-        "data.grayscale=false",
         "data.max_per_class=16",
         "data.num_workers=0",
         "optim.warmup_epochs=0",
         "finetune.strategy=full",
     ]
-    args = ["finetune", "--recipe", "medical", "--init", "scratch", "--arch", "resnet10t", "--img-size", "32"]
+    args = ["finetune", "--recipe", "malaria", "--init", "scratch", "--arch", "resnet10t", "--img-size", "32"]
     args += ["--epochs", "1", "--batch-size", "16", "--seed", "0", "--out", str(out), "--quiet"]
     args += [a for s in sets for a in ("--set", s)]
     result = CliRunner().invoke(app, args, catch_exceptions=False)
@@ -385,7 +389,8 @@ def test_malaria_in_colour_keeps_colour(malaria_run: Path, data_dir: Path):
     ckpt = load_tlkit_checkpoint(malaria_run / "best.pt")
     assert ckpt["preprocessing"]["grayscale"] is False and ckpt["recipe"]["data"]["grayscale"] is False
     assert ckpt["classes"] == ["Parasitized", "Uninfected"]
-    assert ckpt["classes"][ckpt["positive_index"]] == "Parasitized"  # from the recipe's PNEUMONIA,Parasitized
+    assert ckpt["classes"][ckpt["positive_index"]] == "Parasitized"
+    assert ckpt["recipe"]["name"] == "malaria" and ckpt["recipe"]["optim"]["loss"] == "weighted-ce"  # medical's
     # train images as the run built them, val images as evaluate/predict read them from the checkpoint
     recipe = recipe_from_dict(ckpt["recipe"])
     train = build_datasets(recipe, Preprocessing.from_dict(ckpt["preprocessing"])).train

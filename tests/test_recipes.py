@@ -31,6 +31,44 @@ def test_every_recipe_loads_and_is_listed():
     assert all(name in result.output for name in names)
 
 
+def test_malaria_is_a_recipe_on_the_medical_defaults():
+    """`base: medical`: malaria takes every medical setting it does not list (loss, strategy, calibration, the gpu
+    block) and overrides what differs for colour cells; listed by `tlkit recipes`, served by the medical app."""
+    from tlkit.config import to_dict
+    from tlkit.demo import app_path, available_apps
+
+    malaria, medical = load_recipe("malaria"), load_recipe("medical")
+    assert malaria.name == "malaria" and malaria.data.name == "malaria" and malaria.data.grayscale is False
+    assert medical.data.grayscale is True and medical.data.name == "chest_xray"
+    assert malaria.data.hflip > 0 and malaria.finetune.positive_class == "Parasitized"
+    own = {("data", k) for k in ("name", "img_size", "grayscale", "hflip", "rotate")}
+    own |= {("train", "epochs"), ("finetune", "positive_class")}
+    for section in ("data", "optim", "train", "finetune"):
+        for key, value in to_dict(medical)[section].items():
+            if (section, key) not in own:
+                assert to_dict(malaria)[section][key] == value, (section, key)
+    assert load_recipe("malaria", cuda=True).data.img_size == load_recipe("medical", cuda=True).data.img_size
+    assert "malaria" in runner.invoke(app, ["recipes"]).output
+    assert app_path("malaria") == app_path("medical") and "malaria" in available_apps()
+    with pytest.raises(ValueError, match="no demo for 'imagenet'"):
+        app_path("imagenet")
+
+
+def test_recipe_base_errors_are_one_line(tmp_path):
+    from tlkit.config import RecipeError
+
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(RecipeError, match="leads back to itself"):
+        load_recipe(str(tmp_path / "a.yaml"))
+    (tmp_path / "c.yaml").write_text("base: nonesuch\n")
+    with pytest.raises(RecipeError, match="unknown recipe 'nonesuch'"):
+        load_recipe(str(tmp_path / "c.yaml"))
+    (tmp_path / "d.yaml").write_text("base: medical\ntrain:\n  epochs: 1\n")
+    d = load_recipe(str(tmp_path / "d.yaml"))
+    assert d.name == "d" and d.train.epochs == 1 and d.optim.loss == "weighted-ce"
+
+
 @pytest.fixture(scope="module")
 def medical_run(tmp_path_factory, data_dir):
     """A short chest X-ray fine-tune (from scratch, 48 px, balanced subset of the real train split)."""

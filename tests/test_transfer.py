@@ -112,7 +112,8 @@ def test_full_strategy_discriminative_learning_rates():
 
 
 def test_unknown_strategy_is_a_clear_error():
-    with pytest.raises(ValueError, match="unknown strategy 'partial'"):
+    # the recipe's own check (config validation) names the key, the value and what is allowed
+    with pytest.raises(ValueError, match="finetune.strategy='partial' is not allowed: use one of linear-probe"):
         Strategy(create_model("resnet18", 3), FinetuneConfig(strategy="partial"))
 
 
@@ -183,3 +184,42 @@ def test_progressive_resizing_ramps_up_and_ends_at_full_size():
     sizes = [progressive_size(recipe, e) for e in range(1, 7)]
     assert sizes[0] == 32 and sizes[3:] == [64, 64, 64]
     assert sizes == sorted(sizes) and len(set(sizes)) >= 3
+
+
+# ---- any timm architecture: fixed-size models at the recipe's size, their own no-decay list ----------------------
+
+
+def test_vit_trains_at_another_image_size_with_position_embeddings_undecayed(tmp_path, data_dir):
+    """vit_tiny_patch16_224 at 32 px (timm builds a 2x2 patch grid): one epoch on real traffic signs, evaluated and
+    reloaded at that size; pos_embed and cls_token (the model's `no_weight_decay()`) get no weight decay."""
+    from tlkit.optim import param_groups
+
+    vit = {"arch": "vit_tiny_patch16_224", "init": "scratch"}
+    over = _tiny_overrides(tmp_path, "vit", model=vit, optim={"name": "adamw", "lr": 1e-3})
+    run_dir = run_training("traffic-signs", over, kind="finetune", quiet=True)
+    ckpt = torch.load(run_dir / "best.pt", weights_only=True)
+    assert ckpt["preprocessing"]["img_size"] == 32
+    assert ckpt["model"]["pos_embed"].shape == (1, 1 + 2 * 2, 192)  # cls token + 2x2 patches of 16 px
+    assert (run_dir / "report" / "metrics.json").is_file()  # the post-training pass rebuilt it at 32 px
+
+    model = create_model("vit_tiny_patch16_224", 4, img_size=32)
+    groups = param_groups(model, weight_decay=0.05)
+    undecayed = {n for g in groups if g["weight_decay"] == 0 for n in g["names"]}
+    decayed = {n for g in groups if g["weight_decay"] > 0 for n in g["names"]}
+    assert {"pos_embed", "cls_token"} <= undecayed
+    assert "blocks.0.attn.qkv.weight" in decayed and not any(n.endswith(".bias") for n in decayed)
+
+
+def test_vit_weights_file_at_another_size_resamples_position_embeddings(tmp_path):
+    """A 224 px ViT weights file into a 32 px model: pos_embed resampled with timm's helper, the rest exact."""
+    from timm.layers import resample_abs_pos_embed
+
+    torch.manual_seed(0)
+    state = create_model("vit_tiny_patch16_224", 10).state_dict()
+    torch.save(state, tmp_path / "vit224.pth")
+    model, info = build_model("vit_tiny_patch16_224", 4, init=str(tmp_path / "vit224.pth"), img_size=32)
+    own = model.state_dict()
+    expected = resample_abs_pos_embed(state["pos_embed"], new_size=(2, 2), num_prefix_tokens=1)
+    assert torch.equal(own["pos_embed"], expected) and own["pos_embed"].shape == (1, 5, 192)
+    body = [k for k in state if k != "pos_embed" and not k.startswith("head.")]
+    assert all(torch.equal(own[k], state[k]) for k in body) and info["dropped_head"]

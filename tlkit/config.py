@@ -8,123 +8,209 @@ and the resolved recipe is written into every run folder.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import re
+import types
+import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, is_dataclass
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from tlkit.paths import RECIPES_DIR
+from tlkit.tasks import TASKS
+
+# Allowed values of the fields that name a choice; the modules that act on them read these tables.
+CROP_MODES = ("center", "squash")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "area", "lanczos")  # tlkit.data.transforms maps them to cv2
+LAYOUTS = ("auto", "clips", "csv")
+SAMPLERS = ("uniform", "balanced")
+LOADERS = ("auto", "cpu", "packed", "gpu", "jpeg")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
+LOSSES = ("ce", "weighted-ce")
+AMP = ("auto", "bf16", "off")
+LOGGERS = ("tensorboard", "mlflow", "wandb")  # tlkit.run_folder writes to each one listed
+STRATEGIES = ("linear-probe", "full", "freeze-unfreeze")
+THRESHOLD_METHODS = ("youden", "f1", "sensitivity", "argmax")  # argmax: 0.5, the plain argmax call
+ALERT_THRESHOLD_METHODS = ("youden", "f1")
+SMOOTH_METHODS = ("mean", "max", "median", "gaussian")  # tlkit.tasks.anomaly.post.smooth_scores
+DEVICE_PATTERN, DEVICE_HELP = r"auto|cpu|cuda(:\d+)?", "auto, cpu, cuda or cuda:N"
+
+
+def rule(
+    default: Any,
+    *,
+    choices: Iterable[str] | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+    pattern: tuple[str, str] | None = None,
+) -> Any:
+    """A recipe field with what it allows, checked whenever a section is built (`_Checked`): `choices` (for a list
+    field: of each item), numeric bounds, or `pattern` = (regex, how to say it). The type comes from the annotation."""
+    meta = {"choices": tuple(choices) if choices else None, "ge": ge, "gt": gt, "le": le, "lt": lt, "pattern": pattern}
+    return field(default=default, metadata={k: v for k, v in meta.items() if v is not None})
+
+
+class _Checked:
+    """Every recipe section checks itself when built (recipe file, --set, a checkpoint's recipe, `replace`): each
+    field is coerced to its annotated type and held to its `rule`; a bad value is one RecipeError line."""
+
+    _section: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = _type_hints(type(self))
+        for f in fields(self):  # type: ignore[arg-type]
+            key = f"{self._section}.{f.name}" if self._section else f.name
+            value = getattr(self, f.name)
+            checked = check_value(key, value, hints[f.name], f.metadata)
+            if checked is not value:
+                object.__setattr__(self, f.name, checked)  # frozen: coercion (int -> float, list -> tuple)
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Checked):
+    _section: ClassVar[str] = "data"
+
     name: str = "tiny_imagenet_200"  # folder under the data root, or a path
     train_split: str = "train"
     val_split: str = "val"
-    img_size: int = 64
-    crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, then center-crop img_size
-    crop_mode: str = "center"  # center | squash (whole image resized to a square: nothing is cut off)
-    interpolation: str = "bilinear"
-    scale_min: float = 0.25  # RandomResizedCrop scale=(scale_min, 1)
-    hflip: float = 0.5
-    color_jitter: float = 0.0
-    randaugment: int = 0  # number of RandAugment-style ops per image (0 = off)
-    rotate: float = 0.0  # max degrees
-    perspective: float = 0.0  # max perspective distortion scale
-    blur: float = 0.0  # probability
-    brightness_contrast: float = 0.0  # probability
-    random_erasing: float = 0.0  # probability
+    img_size: int = rule(64, ge=16)
+    crop_pct: float = rule(0.875, gt=0, le=1)  # eval: resize to img_size / crop_pct, then center-crop img_size
+    crop_mode: str = rule("center", choices=CROP_MODES)  # squash: whole image resized to a square, nothing cut off
+    interpolation: str = rule("bilinear", choices=INTERPOLATIONS)
+    scale_min: float = rule(0.25, gt=0, le=1)  # RandomResizedCrop scale=(scale_min, 1)
+    hflip: float = rule(0.5, ge=0, le=1)  # probability
+    color_jitter: float = rule(0.0, ge=0, le=1)
+    randaugment: int = rule(0, ge=0, le=10)  # number of RandAugment-style ops per image (0 = off)
+    rotate: float = rule(0.0, ge=0, le=180)  # max degrees
+    perspective: float = rule(0.0, ge=0, le=1)  # max perspective distortion scale
+    blur: float = rule(0.0, ge=0, le=1)  # probability
+    brightness_contrast: float = rule(0.0, ge=0, le=1)  # probability
+    random_erasing: float = rule(0.0, ge=0, le=1)  # probability
     grayscale: bool = False  # images are grayscale on purpose: replicate to 3 channels
     roi_crop: bool = False  # crop to the ROI columns of `<split>_labels.csv` when present
-    max_classes: int = 0  # 0 = all; handy for smoke runs
-    max_per_class: int = 0  # 0 = all
-    num_workers: int = -1  # -1 = auto
-    sampler: str = "uniform"  # uniform | balanced (class-balanced sampling for imbalanced sets)
+    max_classes: int = rule(0, ge=0)  # 0 = all; handy for smoke runs
+    max_per_class: int = rule(0, ge=0)  # 0 = all
+    num_workers: int = rule(-1, ge=-1)  # -1 = auto
+    sampler: str = rule("uniform", choices=SAMPLERS)  # uniform | balanced (class-balanced sampling for imbalanced sets)
     # auto: class folders (ImageNet/ImageFolder). clips: video clips as frame folders, each frame labelled
     # normal/abnormal by its clip's labels.csv (frame,label); a clip without labels.csv is all normal.
-    layout: str = "auto"
+    # csv: `name` is a CSV file of path,label[,split] (paths relative to it; classes = its sorted labels).
+    layout: str = rule("auto", choices=LAYOUTS)
     val_clips: tuple[str, ...] = ()  # clips layout: these clips are val, every other clip trains (by name)
+    # Which loader feeds training: auto | cpu | packed | gpu | jpeg (see tlkit.data.data_path.choose_loader).
+    loader: str = rule("auto", choices=LOADERS)
+    pack: str = ""  # folder of packs made by `tlkit data pack` (<split>-<size>/); "" = look in the default places
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Checked):
+    _section: ClassVar[str] = "model"
+
     arch: str = "resnet18"
-    init: str = "scratch"  # scratch | auto (newest pretrain checkpoint) | path to tlkit/timm/torchvision weights
-    drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
+    # scratch | auto (newest pretrain checkpoint) | path to tlkit/timm/torchvision weights | published weights:
+    # timm:<model>[.<tag>], hf-hub:<org>/<repo>, torchvision:<WeightsEnum> (hub cache first)
+    init: str = "scratch"
+    drop_rate: float = rule(0.0, ge=0, lt=1)
+    drop_path_rate: float = rule(0.0, ge=0, lt=1)
     channels_last: bool = True
     compile: bool = False  # torch.compile (CUDA only)
 
 
 @dataclass(frozen=True)
-class OptimConfig:
-    name: str = "sgd"  # sgd | adamw
-    lr: float = 0.2  # for batch_size 256; scaled linearly with the real batch size
-    momentum: float = 0.9
+class OptimConfig(_Checked):
+    _section: ClassVar[str] = "optim"
+
+    name: str = rule("sgd", choices=OPTIMIZERS)  # sgd | adamw
+    lr: float = rule(0.2, gt=0)  # for batch_size 256; scaled linearly with the real batch size
+    momentum: float = rule(0.9, ge=0, lt=1)
     nesterov: bool = True
-    weight_decay: float = 5e-5
-    label_smoothing: float = 0.1
-    schedule: str = "cosine"  # cosine | step | constant
-    warmup_epochs: float = 1.0
-    step_size: int = 30
-    gamma: float = 0.1
-    min_lr_ratio: float = 0.0
-    clip_grad: float = 0.0  # max grad norm, 0 = off
-    accum_steps: int = 1
-    ema_decay: float = 0.0  # 0 = off
-    mixup: float = 0.0  # mixup alpha, 0 = off
-    cutmix: float = 0.0  # cutmix alpha, 0 = off
-    loss: str = "ce"  # ce | weighted-ce (class weights from the train set's inverse frequency)
+    weight_decay: float = rule(5e-5, ge=0)
+    label_smoothing: float = rule(0.1, ge=0, lt=1)
+    schedule: str = rule("cosine", choices=SCHEDULES)  # cosine | step | constant
+    warmup_epochs: float = rule(1.0, ge=0)
+    step_size: int = rule(30, ge=1)  # schedule step: epochs between LR drops
+    gamma: float = rule(0.1, gt=0, le=1)  # schedule step: LR factor per drop
+    min_lr_ratio: float = rule(0.0, ge=0, le=1)
+    clip_grad: float = rule(0.0, ge=0)  # max grad norm, 0 = off
+    accum_steps: int = rule(1, ge=1)
+    ema_decay: float = rule(0.0, ge=0, lt=1)  # 0 = off
+    mixup: float = rule(0.0, ge=0)  # mixup alpha, 0 = off
+    cutmix: float = rule(0.0, ge=0)  # cutmix alpha, 0 = off
+    loss: str = rule("ce", choices=LOSSES)  # ce | weighted-ce (class weights from the train set's inverse frequency)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.name == "sgd" and self.nesterov and self.momentum == 0:  # torch's SGD refuses it, after the data scan
+            raise RecipeError(
+                "optim.nesterov=True is not allowed with optim.momentum=0: use a momentum > 0, or nesterov false"
+            )
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    epochs: int = 6
-    batch_size: int = 64  # per process
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
+class TrainConfig(_Checked):
+    _section: ClassVar[str] = "train"
+
+    epochs: int = rule(6, ge=1)
+    batch_size: int = rule(64, ge=1)  # per process
+    seed: int = rule(0, ge=0)
+    device: str = rule("auto", pattern=(DEVICE_PATTERN, DEVICE_HELP))
+    amp: str = rule("auto", choices=AMP)  # auto (bf16 on CUDA) | bf16 | off
     out: str = ""  # run folder; default runs/<task>-<arch>-<stamp>
-    save_every_steps: int = 0  # extra mid-epoch checkpoints (0 = epoch end only)
-    eval_every: int = 1
+    save_every_steps: int = rule(0, ge=0)  # extra mid-epoch checkpoints (0 = epoch end only)
+    eval_every: int = rule(1, ge=1)  # epochs between val passes (the last epoch always has one)
     tta_flip: bool = False  # average logits with the horizontally flipped image at evaluation
-    progressive_min_size: int = 0  # >0: ramp train img size from this up to data.img_size (FFCV style)
-    progressive_end_epoch: int = 0  # epoch where the ramp reaches data.img_size
+    progressive_min_size: int = rule(0, ge=0)  # >0: ramp train img size from this up to data.img_size (FFCV style)
+    progressive_end_epoch: int = rule(0, ge=0)  # epoch where the ramp reaches data.img_size
+    # Where params, per-epoch metrics and the report go, beside metrics.jsonl: tensorboard, mlflow (pip install
+    # 'tlkit[mlflow]'; MLFLOW_TRACKING_URI), wandb (pip install 'tlkit[wandb]'; WANDB_MODE=offline works).
+    loggers: tuple[str, ...] = rule(("tensorboard",), choices=LOGGERS)
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
-    strategy: str = "full"  # linear-probe | full | freeze-unfreeze
-    freeze_epochs: int = 1  # freeze-unfreeze: epochs with only the head training
-    head_lr_mult: float = 5.0  # head LR = recipe LR x this (a new head has to move further than the body)
-    layer_decay: float = 0.7  # lr multiplier per body stage, deepest stage first (1 = off)
-    threshold_method: str = "youden"  # youden | sensitivity (binary tasks)
-    target_sensitivity: float = 0.95
+class FinetuneConfig(_Checked):
+    _section: ClassVar[str] = "finetune"
+
+    strategy: str = rule("full", choices=STRATEGIES)
+    freeze_epochs: int = rule(1, ge=0)  # freeze-unfreeze: epochs with only the head training
+    head_lr_mult: float = rule(5.0, gt=0)  # head LR = recipe LR x this (a new head has to move further than the body)
+    layer_decay: float = rule(0.7, gt=0, le=1)  # lr multiplier per body stage, deepest stage first (1 = off)
+    threshold_method: str = rule("youden", choices=THRESHOLD_METHODS)  # binary tasks
+    target_sensitivity: float = rule(0.95, gt=0, le=1)
     temperature_scaling: bool = True
     positive_class: str = ""  # binary tasks: name of the positive class (default: second class)
 
 
 @dataclass(frozen=True)
-class AnomalyConfig:
-    layers: tuple[int, ...] = ()  # feature stages for patch descriptors; () = stride-8 and stride-16 stages
-    coreset_ratio: float = 0.1
-    max_bank: int = 20000
-    k: int = 1
-    smooth_window: int = 9
-    threshold_method: str = "youden"
-    max_train_frames: int = 0  # 0 = all; else that many, in runs of 20 consecutive frames spread over the clips
-    fps: float = 10.0
+class AnomalyConfig(_Checked):
+    _section: ClassVar[str] = "anomaly"
+
+    layers: tuple[int, ...] = rule((), ge=0)  # feature stages for patch descriptors; () = stride-8 and stride-16 stages
+    coreset_ratio: float = rule(0.1, gt=0, le=1)
+    max_bank: int = rule(20000, ge=1)
+    k: int = rule(1, ge=1)
+    smooth_window: int = rule(5, ge=1)
+    smooth_method: str = rule("mean", choices=SMOOTH_METHODS)  # mean keeps short events; median deletes them
+    threshold_method: str = rule("youden", choices=ALERT_THRESHOLD_METHODS)
+    max_train_frames: int = rule(0, ge=0)  # 0 = all; else that many, in runs of 20 frames spread over the clips
+    fps: float = rule(10.0, gt=0)
     # Motion stream (frame differences per patch vs normal motion), added to the appearance score per frame in
     # units of each stream's spread on normal frames; 0 = appearance only (plain PatchCore).
-    motion_weight: float = 1.0
+    motion_weight: float = rule(1.0, ge=0)
 
 
 @dataclass(frozen=True)
-class Recipe:
+class Recipe(_Checked):
     name: str = "imagenet"
     description: str = ""
-    task: str = "classify"  # classify | anomaly
+    task: str = rule("classify", choices=TASKS)  # tlkit/tasks: classify | anomaly
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -152,8 +238,11 @@ def available_recipes() -> dict[str, Path]:
 
 
 def recipe_path(name_or_path: str) -> Path:
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") and p.exists():
+    """A recipe name (`tlkit recipes` lists them) or a path to a YAML file."""
+    p = Path(name_or_path).expanduser()
+    if p.suffix in (".yaml", ".yml"):
+        if not p.is_file():
+            raise RecipeError(f"recipe file not found: {p}")
         return p
     recipes = available_recipes()
     if name_or_path not in recipes:
@@ -162,29 +251,96 @@ def recipe_path(name_or_path: str) -> Path:
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
-    known = {f.name: f for f in fields(cls)}
-    unknown = set(values) - set(known)
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(values) - set(known))
     if unknown:
-        raise RecipeError(f"unknown key(s) in {where}: {', '.join(sorted(unknown))}; known: {', '.join(known)}")
-    kwargs = {}
-    for key, value in values.items():
-        default = getattr(cls(), key) if key not in _SECTIONS else None
-        if isinstance(default, tuple) and isinstance(value, list):
-            value = tuple(value)
-        elif isinstance(default, bool) and not isinstance(value, bool):
-            raise RecipeError(f"{where}.{key} must be true or false, got {value!r}")
-        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        elif isinstance(default, float) and isinstance(value, str):
-            # PyYAML reads `1e-3` (no dot) as a string: accept it for float fields, in files and --set.
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f" (did you mean {where}.{close[0]}?)" if close else ""
+        raise RecipeError(f"unknown key(s) in {where}: {', '.join(unknown)}{hint}; known: {', '.join(known)}")
+    return cls(**values)  # each section checks its values (_Checked)
+
+
+@cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def check_value(key: str, value: Any, typ: Any, rules: typing.Mapping[str, Any]) -> Any:
+    """`value` coerced to `typ` (int -> float; a YAML string like `1e-3` -> float; a list -> tuple) and held
+    to `rules` (see `rule`); anything else is a one-line RecipeError naming the key, the value and what is allowed.
+    """
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin in (typing.Union, types.UnionType):  # `X | None`
+        if value is None and type(None) in args:
+            return None
+        (typ,) = [a for a in args if a is not type(None)]
+        origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if is_dataclass(typ):  # a Recipe's section, already built and checked
+        if not isinstance(value, typ):
+            raise RecipeError(f"{key}={value!r} is not allowed: use a mapping of {key} fields")
+        return value
+    if origin is tuple:  # tuple[T, ...]: a YAML list, or one item
+        items = value if isinstance(value, list | tuple) else [value]
+        out = tuple(_check_item(key, v, args[0], rules, whole=value) for v in items)
+        return value if out == value and isinstance(value, tuple) else out
+    return _check_item(key, value, typ, rules, whole=value)
+
+
+def _check_item(key: str, value: Any, typ: type, rules: typing.Mapping[str, Any], whole: Any) -> Any:
+    def bad() -> RecipeError:
+        return RecipeError(f"{key}={whole!r} is not allowed: use {_allowed(typ, rules, whole)}")
+
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise bad()
+    elif typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+    elif typ is float:
+        if isinstance(value, str):  # PyYAML reads `1e-3` (no dot) as a string: accept it, in files and --set
             try:
                 value = float(value)
             except ValueError:
-                raise RecipeError(f"{where}.{key} must be float, got {value!r}") from None
-        elif default is not None and not isinstance(value, type(default)):
-            raise RecipeError(f"{where}.{key} must be {type(default).__name__}, got {value!r}")
-        kwargs[key] = value
-    return cls(**kwargs)
+                raise bad() from None
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise bad()
+        value = float(value)
+    elif typ is str and not isinstance(value, str):
+        raise bad()
+    checks = {
+        "ge": lambda b: value >= b,
+        "gt": lambda b: value > b,
+        "le": lambda b: value <= b,
+        "lt": lambda b: value < b,
+        "choices": lambda c: value in c,
+        "pattern": lambda p: re.fullmatch(p[0], value) is not None,
+    }
+    if not all(check(rules[name]) for name, check in checks.items() if name in rules):
+        raise bad()
+    return value
+
+
+def _allowed(typ: type, rules: typing.Mapping[str, Any], value: Any) -> str:
+    """What a field allows, in words: 'one of cosine, step, constant', 'an integer >= 1', 'a number from 0 to 1'."""
+    if "choices" in rules:
+        choices = rules["choices"]
+        close = difflib.get_close_matches(str(value), choices, n=1) if isinstance(value, str) else []
+        text = f"one of {', '.join(choices)}" + (f" (did you mean {close[0]}?)" if close else "")
+    elif "pattern" in rules:
+        text = rules["pattern"][1]
+    elif typ is bool:
+        text = "true or false"
+    elif typ is str:
+        text = "a string"
+    else:
+        kind = "an integer" if typ is int else "a number"
+        ge, gt, le, lt = (rules.get(k) for k in ("ge", "gt", "le", "lt"))
+        if ge is not None and le is not None:
+            text = f"{kind} from {ge:g} to {le:g}"
+        else:
+            bounds = [f"{op} {b:g}" for op, b in ((">=", ge), (">", gt), ("<=", le), ("<", lt)) if b is not None]
+            text = " and ".join([f"{kind} {bounds[0]}", *bounds[1:]]) if bounds else kind
+    return f"a list, each {text}" if isinstance(value, list | tuple) else text
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -215,27 +371,36 @@ def parse_set(assignments: list[str]) -> dict:
     return out
 
 
+def _check_sections(raw: dict, where: str) -> None:
+    """Sections are mappings (or empty) *before* anything is merged into them: `data: 5` in a file is an error
+    even when --data would replace it."""
+    for key, value in raw.items():
+        if key in _SECTIONS and value is not None and not isinstance(value, dict):
+            raise RecipeError(
+                f"{where}{key}={value!r} is not allowed: use a mapping of {key} fields (indented key: value lines)"
+            )
+
+
 def recipe_from_dict(raw: dict, *, cuda: bool = False) -> Recipe:
     raw = dict(raw)
     gpu = raw.pop("gpu", None) or {}
+    _check_sections(raw, "")
     if cuda:
         raw = deep_merge(raw, gpu)
     top: dict[str, Any] = {}
     for key, value in raw.items():
         if key in _SECTIONS:
-            if value is None:
-                continue
-            if not isinstance(value, dict):
-                raise RecipeError(f"recipe section {key!r} must be a mapping")
-            top[key] = _build(_SECTIONS[key], value, key)
+            if value is not None:
+                top[key] = _build(_SECTIONS[key], value, key)
         else:
             top[key] = value
     return _build(Recipe, top, "recipe")
 
 
-def load_recipe(name_or_path: str, overrides: dict | None = None, *, cuda: bool = False) -> Recipe:
-    """Load a recipe by name (`recipes/<name>.yaml`) or path, then apply nested `overrides`."""
-    path = recipe_path(name_or_path)
+def _read_recipe(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A recipe file as a dict, named after the file. `base: <recipe>` (a name, or a YAML path relative to this
+    file) reads that recipe first and lays this one over it, section by section and its `gpu:` block too, so a
+    variant (malaria on the medical defaults) lists only what differs."""
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -243,13 +408,52 @@ def load_recipe(name_or_path: str, overrides: dict | None = None, *, cuda: bool 
     if not isinstance(raw, dict):
         raise RecipeError(f"recipe {path.name} must be a YAML mapping of sections")
     raw.setdefault("name", path.stem)
-    # The gpu block sits between the recipe and the user's options: `--epochs 2` on a CUDA machine is 2.
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str) or not base:
+        raise RecipeError(f"base={base!r} in recipe {path.name} is not allowed: name a recipe, e.g. base: medical")
+    base_path = recipe_path(str(path.parent / base) if base.endswith((".yaml", ".yml")) else base)
+    if base_path.resolve() in (*seen, path.resolve()):
+        raise RecipeError(f"recipe {path.name}: base: {base} leads back to itself")
+    return deep_merge(_read_recipe(base_path, (*seen, path.resolve())), raw)
+
+
+def recipe_base(name_or_path: str) -> str | None:
+    """The `base:` a recipe file names (None without one): `tlkit demo` serves a variant with its base's app."""
+    try:
+        raw = yaml.safe_load(recipe_path(name_or_path).read_text()) or {}
+    except yaml.YAMLError:
+        return None
+    base = raw.get("base") if isinstance(raw, dict) else None
+    return Path(base).stem if isinstance(base, str) and base else None
+
+
+def load_recipe(name_or_path: str, overrides: dict | None = None, *, cuda: bool = False) -> Recipe:
+    """Load a recipe by name (`recipes/<name>.yaml`) or path, then apply nested `overrides`. Every value is
+    checked here, the `gpu:` block's too on a machine without CUDA: a bad value fails before any work starts."""
+    path = recipe_path(name_or_path)
+    raw = _read_recipe(path)
     gpu = raw.pop("gpu", None) or {}
-    if cuda:
-        raw = deep_merge(raw, gpu)
-    merged = deep_merge(raw, overrides or {})
-    # finetune/anomaly blocks named in overrides only count if the recipe has them or asks for them
-    return recipe_from_dict(merged, cuda=cuda)
+    if not isinstance(gpu, dict):
+        raise RecipeError(f"gpu={gpu!r} in recipe {path.name} is not allowed: use a mapping of sections")
+    _check_sections(raw, "")
+    _check_sections(gpu, "gpu.")
+    # The gpu block sits between the recipe and the user's options: `--epochs 2` on a CUDA machine is 2.
+    plain = recipe_from_dict(deep_merge(raw, overrides or {}))
+    try:
+        on_gpu = recipe_from_dict(deep_merge(deep_merge(raw, gpu), overrides or {}))
+    except RecipeError as e:
+        raise RecipeError(f"in the gpu: block of {path.name}: {e}") from None
+    return on_gpu if cuda else plain
+
+
+def resolved_yaml(name_or_path: str, *, cuda: bool) -> str:
+    """`tlkit recipes --show`: the recipe with every field filled in, as a run would use it, under a comment
+    naming the file it came from."""
+    recipe = load_recipe(name_or_path, cuda=cuda)
+    block = "with" if cuda else "without"
+    return f"# {recipe_path(name_or_path)}, {block} its gpu: block\n{to_yaml(recipe)}"
 
 
 def to_dict(recipe: Recipe) -> dict:

@@ -33,7 +33,11 @@ class UploadError(ValueError):
 
 
 def available_apps() -> list[str]:
-    return sorted(p.parent.name for p in APPS_DIR.glob("*/app.py"))
+    """Recipes with a demo: each app folder, and each recipe whose `base:` has one (malaria: medical's app)."""
+    from tlkit.config import available_recipes, recipe_base
+
+    apps = {p.parent.name for p in APPS_DIR.glob("*/app.py")}
+    return sorted(apps | {name for name in available_recipes() if recipe_base(name) in apps})
 
 
 def resolve_checkpoint(recipe: str, checkpoint: str | Path | None = None) -> Path:
@@ -290,27 +294,36 @@ def app_main(recipe: str, build_demo: Callable[..., Any], *, concurrency: int = 
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="public Gradio link (off by default)")
     args = parser.parse_args(argv)
-    try:
-        checkpoint = resolve_checkpoint(recipe, args.checkpoint)
-    except ValueError as e:
+    try:  # building the app reads the checkpoint: an unsafe, foreign or edited file is one line too
+        demo = build_demo(resolve_checkpoint(recipe, args.checkpoint))
+    except ValueError as e:  # CheckpointError, DataError, no checkpoint yet
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    demo = build_demo(checkpoint)
     serve(demo, host=args.host, port=args.port, share=args.share, concurrency=concurrency, css=css)
 
 
 def app_path(recipe: str) -> Path:
-    path = APPS_DIR / recipe / "app.py"
-    if not path.is_file():
-        raise ValueError(f"no demo for {recipe!r}; available: {', '.join(available_apps()) or 'none'}")
-    return path
+    """`apps/<recipe>/app.py`; a recipe without an app of its own uses its `base:` recipe's (malaria -> medical)."""
+    from tlkit.config import RecipeError, recipe_base
+
+    name, seen = recipe, set()
+    while name and name not in seen:
+        path = APPS_DIR / name / "app.py"
+        if path.is_file():
+            return path
+        seen.add(name)
+        try:
+            name = recipe_base(name)
+        except RecipeError:  # not a recipe either
+            break
+    raise ValueError(f"no demo for {recipe!r}; available: {', '.join(available_apps()) or 'none'}")
 
 
 def load_app(recipe: str) -> ModuleType:
     """Import `apps/<recipe>/app.py` by file path (the apps are not a package)."""
     path = app_path(recipe)
     set_offline_env()
-    name = f"tlkit_app_{recipe.replace('-', '_')}"
+    name = f"tlkit_app_{path.parent.name.replace('-', '_')}"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module

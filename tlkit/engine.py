@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,14 +19,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tlkit.checkpoint import BEST, LAST, save_checkpoint, state_digest
+from tlkit.checkpoint import BEST, LAST, disk_full_names, non_finite_weights, save_checkpoint, state_digest
 from tlkit.config import OptimConfig, Recipe
 from tlkit.data.transforms import train_transform
 from tlkit.distributed import all_gather_cat, all_gather_object, all_reduce_sum, broadcast_tensors
 from tlkit.optim import ModelEma, recipe_lr
 from tlkit.progress import Progress, console
 from tlkit.run import Run, StepContext, autocast_for, build_run, distributed_model, unwrap
-from tlkit.run_folder import RunWriters, checkpoint_meta, epoch_line, open_run_dir, training_state
+from tlkit.run_folder import (
+    RunWriters,
+    checkpoint_meta,
+    discard_unfinished,
+    epoch_line,
+    open_run_dir,
+    training_state,
+)
 from tlkit.transfer import Strategy
 
 # ---- one step ---------------------------------------------------------------------------------------------------
@@ -133,7 +140,27 @@ def prepare_epoch(run: Run, epoch: int, start_step: int = 0) -> int:
     return size
 
 
+NAN_CHECK_EVERY = 10  # steps between non-finite-loss checks on accelerators (each is a host sync)
 OnStep = Callable[[int, torch.Tensor, int, int], None]  # (step, loss_sum, seen, skipped) after each batch
+
+
+class DivergedError(ValueError):
+    """The loss or the weights became NaN/inf: training stops at once; the message is one line."""
+
+    HINT = "lower the learning rate (--lr) or check the data (labels, corrupt or constant images)"
+
+
+def _check_finite(bad_step: torch.Tensor, ctx: StepContext, *, epoch: int, end: int, lr: float) -> None:
+    """Stop every rank together when any rank saw a non-finite loss: the flag is reduced, so no rank goes on
+    to a collective the others never reach. `bad_step`: this rank's first bad step (0 = none), on the device."""
+    flag = all_reduce_sum((bad_step > 0).double(), ctx.info)
+    if float(flag) == 0:
+        return
+    steps = [s for s in all_gather_object(int(bad_step), ctx.info) if s > 0]
+    raise DivergedError(
+        f"training diverged: the loss is NaN or inf at epoch {epoch} step {min(steps)}/{end} (lr {lr:.3g}); "
+        f"{DivergedError.HINT}"
+    )
 
 
 def train_one_epoch(
@@ -169,7 +196,12 @@ def train_one_epoch(
     seen, skipped = seen0, int(carried.get("skipped", 0))
     t0 = time.perf_counter()
     task = progress.add(f"epoch {epoch}", total=end, completed=start_step) if progress else None
-    for i, (images, targets, failed) in enumerate(loader, start=start_step):
+    # The first step whose loss is not finite, tracked on the device (no host sync per step); checked every
+    # step on the CPU, every `NAN_CHECK_EVERY` on accelerators, and before any checkpoint is written.
+    bad_step = torch.zeros((), dtype=torch.long, device=ctx.device)
+    check_every = 1 if ctx.device.type == "cpu" else NAN_CHECK_EVERY
+    waited = _Clock()  # time spent waiting for the next batch: the data path's share of the epoch
+    for i, (images, targets, failed) in enumerate(_timed(loader, waited), start=start_step):
         generator.manual_seed(seed * 1_000_003 + epoch * 10_007 + i)  # mixup draws replay on resume
         update = (i + 1) % accum == 0 or i + 1 == end
         loss = train_step(
@@ -183,6 +215,9 @@ def train_one_epoch(
         seen += images.shape[0]
         skipped += int(failed.sum())
         step = i + 1
+        bad_step = torch.where((bad_step == 0) & ~torch.isfinite(loss), step, bad_step)
+        if step % check_every == 0 or step == end:
+            _check_finite(bad_step, ctx, epoch=epoch, end=end, lr=recipe_lr(optimizer))
         if progress is not None and (i % 10 == 0 or step == end):
             ips = (seen - seen0) * ctx.info.world / max(time.perf_counter() - t0, 1e-9)
             progress.update(task, completed=step, loss=float(loss), lr=recipe_lr(optimizer), ips=ips)
@@ -201,8 +236,28 @@ def train_one_epoch(
         "train_loss": float(totals[0]) / max(total_seen, 1),
         "img_per_s": (total_seen - resumed_seen) / max(seconds, 1e-9),
         "train_seconds": seconds,
+        "data_wait_fraction": min(1.0, waited.seconds / max(seconds, 1e-9)),
         "skipped": int(totals[2]),
     }
+
+
+class _Clock:
+    seconds = 0.0
+
+
+def _timed(loader: Iterable, clock: _Clock) -> Iterator:
+    """`loader`'s batches, adding the time each `next()` takes to `clock.seconds`: how long training waited
+    for data. On CUDA the steps run asynchronously, so a loader that keeps ahead of the GPU shows about 0."""
+    batches = iter(loader)
+    while True:
+        start = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        finally:
+            clock.seconds += time.perf_counter() - start
+        yield batch
 
 
 # ---- evaluation -------------------------------------------------------------------------------------------------
@@ -283,16 +338,38 @@ class RunResult:
 def fit(recipe: Recipe, *, kind: str = "pretrain", resume: str | Path | None = None, quiet: bool = False) -> RunResult:
     """Train `recipe` end to end and return where the checkpoints are."""
     run = build_run(recipe, kind=kind, resume=resume)
+    run_dir, made = open_run_dir(run)
+    try:
+        with disk_full_names(run_dir):
+            return _fit_run(run, run_dir, quiet=quiet)
+    except DivergedError as e:
+        last = run_dir / LAST
+        kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written"
+        discard_unfinished(run_dir, made and run.info.is_main)
+        raise DivergedError(f"{e}; {kept}") from None
+    except BaseException:
+        discard_unfinished(run_dir, made and run.info.is_main)  # nothing trained: no half-made run folder
+        raise
+
+
+def _fit_run(run: Run, run_dir: Path, *, quiet: bool) -> RunResult:
+    """`fit` once the run is built and its folder open: the epochs, each evaluated and saved, then the summary."""
     recipe, info, state, data = run.recipe, run.info, run.state, run.data
-    run_dir = open_run_dir(run)
     meta = checkpoint_meta(run)
     writers = RunWriters(run_dir, recipe, meta, enabled=info.is_main, history=state.history)
 
     def save(epoch: int, step_in_epoch: int = 0, *, name: str = LAST, **extra) -> None:
-        if info.is_main:
-            save_checkpoint(
-                training_state(run, meta, epoch=epoch, step_in_epoch=step_in_epoch, extra=extra), run_dir / name
+        ckpt = training_state(run, meta, epoch=epoch, step_in_epoch=step_in_epoch, extra=extra)
+        # every rank checks its weights and they agree on the answer: a NaN checkpoint is never written
+        bad = non_finite_weights(ckpt)
+        if float(all_reduce_sum(torch.tensor(float(bool(bad)), device=run.device), info)) > 0:
+            at = f"epoch {epoch}" + (f" step {step_in_epoch}" if step_in_epoch else "")
+            raise DivergedError(
+                f"training diverged: {bad or 'weights on another rank hold NaN or inf'} at {at} "
+                f"(lr {recipe_lr(run.optimizer):.3g}), not saved; {DivergedError.HINT}"
             )
+        if info.is_main:
+            save_checkpoint(ckpt, run_dir / name)
 
     train_model = run.compiled  # wrapped for DDP at the first epoch of this run, below
     with Progress(enabled=info.is_main and not quiet) as progress:
@@ -328,10 +405,16 @@ def fit(recipe: Recipe, *, kind: str = "pretrain", resume: str | Path | None = N
                 "train_loss": stats["train_loss"],
                 "lr": recipe_lr(run.optimizer),
                 "img_per_s": stats["img_per_s"],
+                "data_wait_fraction": stats["data_wait_fraction"],
             }
             if data.val_loader is not None and (epoch % recipe.train.eval_every == 0 or epoch == recipe.train.epochs):
                 tta = recipe.train.tta_flip
                 row.update(evaluate(eval_model(run), data.val_loader, run.ctx, tta_flip=tta, progress=progress))
+                if not math.isfinite(row["val_loss"]):  # finite but exploded weights: logits overflow to inf
+                    raise DivergedError(  # the gathered val logits are the same on every rank: all stop together
+                        f"training diverged: the validation loss is NaN or inf after epoch {epoch} "
+                        f"(train loss {row['train_loss']:.3g}, lr {row['lr']:.3g}), not saved; {DivergedError.HINT}"
+                    )
             row["skipped"] = stats["skipped"]
             row["seconds"] = time.perf_counter() - t_epoch
             state.history.append(row)
@@ -358,6 +441,11 @@ def _mid_epoch_saver(run: Run, epoch: int, start_step: int, save: Callable[..., 
         if step % every == 0 and step < end:
             sums = torch.tensor([float(loss_sum), float(seen), float(skipped)], dtype=torch.float64, device=run.device)
             sums = all_reduce_sum(sums, run.info)
+            if not bool(torch.isfinite(sums).all()):  # the same reduced sums on every rank: all stop together
+                raise DivergedError(
+                    f"training diverged: the loss is NaN or inf in epoch {epoch} before step {step} "
+                    f"(lr {recipe_lr(run.optimizer):.3g}); {DivergedError.HINT}"
+                )
             save(epoch, step, partial={"loss_sum": float(sums[0]), "seen": int(sums[1]), "skipped": int(sums[2])})
 
     return on_step
@@ -384,6 +472,7 @@ def _finish(run: Run, run_dir: Path, writers: RunWriters) -> RunResult:
             "best_top1": state.best_top1,
             "epochs": len(state.history),
             "skipped_images": skipped,
+            "data_loader": run.data.loader,
             "world_size": info.world,
             "ranks_in_sync": in_sync,
             # each rank's final weights and buffers (`state_digest`): equal to the digest of last.pt's `model`
@@ -409,5 +498,6 @@ def _finish(run: Run, run_dir: Path, writers: RunWriters) -> RunResult:
             "pre": run.pre,
             "ctx": run.ctx,
             "val_loader": run.data.val_loader,
+            "data_loader": run.data.loader,
         },
     )

@@ -162,9 +162,11 @@ def explain_files(
 ) -> list[Path]:
     """`tlkit explain`: writes `<out>/<stem>_gradcam.png` per image (folders expand to their images) and
     returns the written paths. Unreadable images are logged and skipped."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():  # checked before the model loads: nothing is done for nothing
+        raise ValueError(f"--out {out} is a file; explain writes one overlay per image into a folder: give a folder")
     predictor = Predictor.from_checkpoint(checkpoint, device=device)
     target_index = resolve_target(predictor, target)
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     used: set[str] = set()

@@ -1,20 +1,20 @@
-"""Export a tlkit checkpoint to ONNX or TorchScript, with its metadata, and prove the export is faithful.
+"""Export a tlkit checkpoint to ONNX or torch.export (.pt2), with its metadata, and prove the export is faithful.
 
 The exported graph is the bare network: it takes a float32 NCHW RGB batch that is **already normalised**
 (`(pixel / 255 - mean) / std` after the checkpoint's eval resize and centre crop), like timm and
 torchvision models, and returns raw logits. Everything needed to get there and back (classes, the
-preprocessing spec, temperature, decision threshold) travels in a JSON sidecar `<out>.json`; TorchScript
-files also embed it (`_extra_files["tlkit.json"]`), ONNX files in `metadata_props["tlkit"]`.
+preprocessing spec, temperature, decision threshold) travels in a JSON sidecar `<out>.json`; .pt2 files
+also embed it (`torch.export.save(..., extra_files={"tlkit.json": ...})`), ONNX files in `metadata_props["tlkit"]`.
+A .pt2 file is an ExportedProgram with a dynamic batch dimension: `torch.export.load(path).module()(x)`.
 
 Parity: real validation images are preprocessed exactly as `tlkit evaluate` does and run through torch
-and through the exported file (onnxruntime / `torch.jit.load`) at batch sizes 1 and 3; the export is moved
+and through the exported file (onnxruntime / `torch.export.load`) at batch sizes 1 and 3; the export is moved
 into place only when the largest absolute logit difference is within `tolerance`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import json
 import logging
@@ -37,9 +37,9 @@ from tlkit.tasks import require, task_of
 
 log = logging.getLogger("tlkit.export")
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
+FORMATS = {"onnx": ".onnx", "pt2": ".pt2"}  # the CLI's --format choices (tests hold the two lists equal)
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-METADATA_KEY = "tlkit.json"  # TorchScript _extra_files name; ONNX metadata_props key is "tlkit"
+METADATA_KEY = "tlkit.json"  # .pt2 extra_files name; ONNX metadata_props key is "tlkit"
 PARITY_BATCHES = (1, 3)
 
 
@@ -56,7 +56,8 @@ def export_checkpoint(
     """
     fmt = str(format).lower()
     if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {format!r}; use {' or '.join(FORMATS)}")
+        was = " (TorchScript export was replaced by torch.export: pt2)" if fmt == "torchscript" else ""
+        raise ValueError(f"unknown export format {format!r}; use {' or '.join(FORMATS)}{was}")
     if not tolerance >= 0:
         raise ValueError(f"tolerance must be a non-negative number, got {tolerance!r}")
     ckpt, source = _load(checkpoint)
@@ -81,16 +82,16 @@ def export_checkpoint(
             _embed_onnx_metadata(staged, metadata)
             runner = _onnx_runner(staged)
         else:
-            metadata["exporter"] = "torch.jit.trace"
-            _export_torchscript(model, example, staged, metadata)
-            runner = _torchscript_runner(staged)
+            metadata["exporter"] = f"torch.export (torch {torch.__version__})"
+            _export_pt2(model, example, staged, metadata)
+            runner = _pt2_runner(staged)
         diffs = {}
         for batch, x in inputs.items():
             with torch.no_grad():
                 expected = model(x).float().numpy()
             try:
                 got = np.asarray(runner(x.numpy()), dtype=np.float32)
-            except Exception as e:  # onnxruntime / TorchScript raise many types; the message matters
+            except Exception as e:  # onnxruntime / torch.export raise many types; the message matters
                 reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
                 raise ValueError(f"exported {fmt} model fails on a batch of {batch}: {reason}") from None
             if got.shape != expected.shape:
@@ -113,7 +114,7 @@ def export_checkpoint(
         "max_abs_diff_by_batch": {str(b): d for b, d in diffs.items()},
         "tolerance": tolerance,
         "inputs": input_note,
-        "runtime": "onnxruntime CPUExecutionProvider" if fmt == "onnx" else "torch.jit.load",
+        "runtime": "onnxruntime CPUExecutionProvider" if fmt == "onnx" else "torch.export.load",
     }
     sidecar = out.with_name(out.name + ".json")
     sidecar.write_text(json.dumps(metadata, indent=2))
@@ -312,38 +313,42 @@ def _onnx_runner(path: Path):
     return lambda x: session.run(None, {name: x})[0]
 
 
-# ---- TorchScript -----------------------------------------------------------------------------------------
+# ---- torch.export (.pt2) ----------------------------------------------------------------------------------
 
 
-def _export_torchscript(model: nn.Module, example: torch.Tensor, path: Path, metadata: dict) -> None:
+def _export_pt2(model: nn.Module, example: torch.Tensor, path: Path, metadata: dict) -> None:
+    """An ExportedProgram with a dynamic batch dimension and a fixed image size (the checkpoint's), the metadata
+    embedded beside the graph."""
+    from torch.export import Dim
+
     with _quiet(), torch.no_grad():
-        traced = torch.jit.trace(copy.deepcopy(model), example, check_trace=False)
-        torch.jit.save(traced, str(path), _extra_files={METADATA_KEY: json.dumps(metadata)})
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: Dim("batch", min=1, max=65536)},))
+        torch.export.save(program, str(path), extra_files={METADATA_KEY: json.dumps(metadata)})
 
 
-def _torchscript_runner(path: Path):
+def _pt2_runner(path: Path):
     with _quiet():
-        loaded = torch.jit.load(str(path), map_location="cpu").eval()
+        module = torch.export.load(str(path)).module()
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return loaded(torch.from_numpy(x)).float().numpy()
+            return module(torch.from_numpy(x)).float().numpy()
 
     return run
 
 
-def read_torchscript_metadata(path: str | Path) -> dict:
-    """The metadata embedded in a TorchScript export."""
+def read_pt2_metadata(path: str | Path) -> dict:
+    """The metadata embedded in a .pt2 export."""
     extra = {METADATA_KEY: ""}
     with _quiet():
-        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+        torch.export.load(str(path), extra_files=extra)
     return json.loads(extra[METADATA_KEY])
 
 
 @contextlib.contextmanager
 def _quiet():
-    """The exporters print progress and deprecation notices (jit.trace, the TorchScript-based ONNX
-    exporter); real problems still surface through the parity check."""
+    """The exporters print progress and deprecation notices (the TorchScript-based ONNX fallback, torch.export's
+    graph breaks); real problems still surface through the parity check."""
     loggers = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export")]
     levels = [lg.level for lg in loggers]
     try:

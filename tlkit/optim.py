@@ -1,4 +1,5 @@
-"""Optimizers and schedules: no weight decay on norm/bias, per-group LR multipliers, warmup + cosine/step."""
+"""Optimizers and schedules: no weight decay on norm/bias and the model's `no_weight_decay()`, per-group LR
+multipliers, warmup + cosine/step."""
 
 from __future__ import annotations
 
@@ -10,15 +11,29 @@ from torch import nn
 from tlkit.config import OptimConfig
 
 
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Parameters the model itself says take no weight decay (timm's `no_weight_decay()`, e.g. a ViT's
+    `pos_embed` and `cls_token`, and `no_weight_decay_keywords()`, e.g. Swin's relative position tables)."""
+    names = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    keywords = set(model.no_weight_decay_keywords()) if hasattr(model, "no_weight_decay_keywords") else set()
+    return {
+        n
+        for n, _ in model.named_parameters()
+        if n in names or any(n.endswith("." + x) for x in names) or any(k in n for k in keywords)
+    }
+
+
 def param_groups(model: nn.Module, weight_decay: float, lr_mults: dict[str, float] | None = None) -> list[dict]:
-    """Groups keyed by (lr multiplier, decay?): 1-d tensors (norm weights, biases) get no weight decay,
-    as in the ResNet training references; `lr_mults` maps parameter name -> lr multiplier."""
+    """Groups keyed by (lr multiplier, decay?): 1-d tensors (norm weights, biases) and what the model lists in
+    `no_weight_decay()` get no weight decay, as in the ResNet and ViT training references; `lr_mults` maps
+    parameter name -> lr multiplier."""
     lr_mults = lr_mults or {}
+    skip = no_decay_names(model)
     groups: dict[tuple[float, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        decay = p.ndim > 1 and not name.endswith(".bias")
+        decay = p.ndim > 1 and not name.endswith(".bias") and name not in skip
         mult = lr_mults.get(name, 1.0)
         group = groups.setdefault(
             (mult, decay),
@@ -92,22 +107,36 @@ def build_scheduler(
 
 
 class ModelEma:
-    """Exponential moving average of weights (and buffers), kept in fp32 beside the model."""
+    """Exponential moving average of weights (and buffers), kept in fp32 beside the model.
 
-    def __init__(self, model: nn.Module, decay: float):
+    The decay warms up as in timm's ModelEmaV3: update t uses min(decay, 1 - (1 + t)^(-2/3)), so the first
+    updates follow the weights closely instead of anchoring the average at the initial (pretrained or random)
+    weights for thousands of steps. `updates` is saved in checkpoints (`ema_updates`) so a resumed run
+    continues the same ramp."""
+
+    WARMUP_POWER = 2 / 3
+
+    def __init__(self, model: nn.Module, decay: float, *, updates: int = 0):
         self.decay = decay
+        self.updates = updates
         self.shadow = {
             k: v.detach().clone().float() if v.is_floating_point() else v.detach().clone()
             for k, v in model.state_dict().items()
         }
 
+    def current_decay(self) -> float:
+        """The decay the next update applies."""
+        return min(self.decay, 1.0 - (1.0 + self.updates) ** -self.WARMUP_POWER)
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        decay = self.current_decay()
         for k, v in model.state_dict().items():
             if v.is_floating_point():
-                self.shadow[k].lerp_(v.detach().float(), 1 - self.decay)
+                self.shadow[k].lerp_(v.detach().float(), 1 - decay)
             else:
                 self.shadow[k].copy_(v)
+        self.updates += 1
 
     def state_dict(self) -> dict:
         return self.shadow

@@ -8,13 +8,23 @@ from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
-RECIPES_DIR = REPO_DIR / "recipes"
-APPS_DIR = REPO_DIR / "apps"
 
-# Offline switches: set before gradio/huggingface/albumentations are imported so nothing phones home.
+
+def _shipped(folder: str) -> Path:
+    """The repo's top-level `recipes/` or `apps/`: inside the package when installed from a wheel (setup.py maps
+    them to tlkit/_recipes, tlkit/_apps), beside it in a checkout or an editable install."""
+    packaged = PACKAGE_DIR / f"_{folder}"
+    return packaged if packaged.is_dir() else REPO_DIR / folder
+
+
+RECIPES_DIR = _shipped("recipes")
+APPS_DIR = _shipped("apps")
+
+# Telemetry and update checks off: set before gradio/huggingface/albumentations are imported so nothing phones
+# home. Hub access itself (HF_HUB_OFFLINE, HF_HUB_CACHE, TORCH_HOME) is the user's setting: `--init timm:...`
+# downloads once when online, and reads the cache when offline.
 OFFLINE_ENV = {
     "GRADIO_ANALYTICS_ENABLED": "False",
-    "HF_HUB_OFFLINE": "1",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "NO_ALBUMENTATIONS_UPDATE": "1",
     "MPLBACKEND": "Agg",
@@ -47,6 +57,8 @@ def runs_dir() -> Path:
 
 
 def git_sha() -> str | None:
+    if not (REPO_DIR / ".git").exists():  # installed: site-packages may sit inside some other repository
+        return None
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_DIR, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):

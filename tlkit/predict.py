@@ -6,6 +6,7 @@ read from the checkpoint, so a prediction here matches what `tlkit evaluate` mea
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -15,11 +16,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tlkit.checkpoint import load_tlkit_checkpoint, resolve_checkpoint, strip
+from tlkit.checkpoint import json_safe, load_tlkit_checkpoint, resolve_checkpoint, strip
 from tlkit.data.io import ImageDecodeError, describe_error, is_image_file, load_rgb_array
 from tlkit.data.transforms import Preprocessing, eval_transform, norm_tensors, normalize
 
 ImageInput = str | Path | bytes | Image.Image | np.ndarray
+log = logging.getLogger("tlkit.predict")
 
 
 def _is_single(images: Any) -> bool:
@@ -66,6 +68,8 @@ class Predictor:
         self.arch = arch
         self.tta_flip = bool(tta_flip)  # average with the mirrored image, as `evaluate` does for this recipe
         self.checkpoint = checkpoint or {}  # metadata only (weights dropped), e.g. data_root, recipe
+        # trained on box crops (traffic-signs `data.roi_crop`): an image with no known box is used whole
+        self.roi_crop = bool(((self.checkpoint.get("recipe") or {}).get("data") or {}).get("roi_crop", False))
         self.path = path
         self._mean, self._std = norm_tensors(self.preprocessing, self.device)
         self._local = threading.local()
@@ -115,9 +119,12 @@ class Predictor:
             t = self._local.transform = eval_transform(self.preprocessing)
         return t
 
-    def crop(self, image: ImageInput) -> np.ndarray:
-        """The HxWx3 uint8 array the model sees (after resize and centre crop, before normalisation)."""
-        return self.transform(load_rgb_array(image))
+    def crop(self, image: ImageInput, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+        """The HxWx3 uint8 array the model sees (the `box` cut out when given, resize and centre crop, before
+        normalisation)."""
+        from tlkit.data.datasets import crop_to_box
+
+        return self.transform(crop_to_box(load_rgb_array(image), box))
 
     def to_tensor(self, crops: Sequence[np.ndarray]) -> torch.Tensor:
         batch = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous().to(self.device)
@@ -205,24 +212,47 @@ def expand_paths(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def predict_files(
-    checkpoint: str | Path, paths: Iterable[str | Path], topk: int = 5, device: str = "auto", batch_size: int = 32
+    checkpoint: str | Path,
+    paths: Iterable[str | Path],
+    topk: int = 5,
+    device: str = "auto",
+    batch_size: int = 32,
+    boxes: str | Path | None = None,
 ) -> Iterator[dict]:
     """One JSON-able dict per image, in order: `{"file", "label", "index", "probability", "topk",
-    "decision"?}`, or `{"file", "error"}` for a file that is missing or does not decode.
+    "decision"?, "roi"?}`, or `{"file", "error"}` for a file that is missing or does not decode.
 
-    The checkpoint is loaded before this returns, so a bad checkpoint fails here, not mid-stream."""
+    A checkpoint trained on box crops (`data.roi_crop`) gets each image's box from `boxes` (a
+    `<split>_labels.csv`: filename, roi_x1..roi_y2), as evaluate does; an image without one is used whole, and
+    its line says so (`"roi": "whole image"`). The checkpoint is loaded before this returns, so a bad
+    checkpoint fails here, not mid-stream."""
+    from tlkit.data.datasets import read_boxes
+
     predictor = Predictor.from_checkpoint(checkpoint, device=device)
-    return _predict_lines(predictor, expand_paths(paths), topk, batch_size)
+    if boxes is not None and not predictor.roi_crop:
+        raise ValueError("--boxes applies only to a checkpoint trained on box crops (data.roi_crop); this one was not")
+    if boxes is not None and not Path(boxes).is_file():
+        raise ValueError(f"box file not found: {boxes}")
+    box_map = read_boxes(Path(boxes)) if boxes is not None else {}
+    if predictor.roi_crop and not box_map:
+        log.warning(
+            "note: this model was trained on images cropped to their box (data.roi_crop); without --boxes each "
+            "image is used whole, so crop images around the object first or pass --boxes <split>_labels.csv"
+        )
+    return _predict_lines(predictor, expand_paths(paths), topk, batch_size, box_map)
 
 
-def _predict_lines(predictor: Predictor, files: list[Path], topk: int, batch_size: int) -> Iterator[dict]:
+def _predict_lines(
+    predictor: Predictor, files: list[Path], topk: int, batch_size: int, boxes: dict | None = None
+) -> Iterator[dict]:
+    boxes = boxes or {}
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
         crops: list[np.ndarray | None] = []
         errors: dict[int, str] = {}
         for i, f in enumerate(chunk):
             try:
-                crops.append(predictor.crop(f))
+                crops.append(predictor.crop(f, boxes.get(Path(f).name)))
             except (ImageDecodeError, OSError, ValueError) as e:
                 crops.append(None)
                 errors[i] = describe_error(e, f)
@@ -231,5 +261,8 @@ def _predict_lines(predictor: Predictor, files: list[Path], topk: int, batch_siz
         for i, f in enumerate(chunk):
             if i in errors:
                 yield {"file": str(f), "error": errors[i]}
-            else:
-                yield {"file": str(f), **predictor.describe(next(probs), topk)}
+            else:  # a non-finite number is null, so every line stays valid JSON
+                line = {"file": str(f), **predictor.describe(next(probs), topk)}
+                if predictor.roi_crop:
+                    line["roi"] = "box" if Path(f).name in boxes else "whole image"
+                yield json_safe(line)

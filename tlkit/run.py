@@ -103,7 +103,14 @@ def unwrap(model: nn.Module) -> nn.Module:
 def model_for_recipe(recipe: Recipe, num_classes: int, device: torch.device) -> tuple[nn.Module, dict]:
     """The recipe's model with its init weights, on `device`, channels_last if asked."""
     m = recipe.model
-    model, info = build_model(m.arch, num_classes, init=m.init, drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate)
+    model, info = build_model(
+        m.arch,
+        num_classes,
+        init=m.init,
+        drop_rate=m.drop_rate,
+        drop_path_rate=m.drop_path_rate,
+        img_size=recipe.data.img_size,  # used only by models with a fixed input size (ViT, Swin)
+    )
     model.to(device)
     if m.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -142,12 +149,23 @@ class RunData:
     bundle: DataBundle
     train_loader: Iterable
     val_loader: Iterable | None
+    loader: str = "cpu"  # which data path feeds it: cpu | packed | gpu | jpeg (`data.loader`)
 
 
 def recipe_data(
     recipe: Recipe, pre: Preprocessing, info: DistInfo, device: torch.device, class_ids: list[str] | None = None
 ) -> RunData:
-    """The recipe's image folders, decoded and augmented in DataLoader workers, sharded over the ranks."""
+    """The recipe's data on the path `data.loader` picks (`data_path.resolve_loader`): packs or JPEGs cropped
+    on the device, or image folders decoded and augmented in DataLoader workers; sharded over the ranks."""
+    from tlkit.data.data_path import fast_run_data, resolve_loader
+
+    choice = resolve_loader(recipe.data, device)
+    if info.is_main:
+        from tlkit.progress import console
+
+        console.print(f"data loader: {choice.kind} ({choice.reason})")
+    if choice.kind != "cpu":
+        return RunData(*fast_run_data(recipe, choice, info, device, class_ids), loader=choice.kind)
     bundle = build_datasets(recipe, pre, class_ids=class_ids)
     common = dict(
         batch_size=recipe.train.batch_size,
@@ -210,6 +228,7 @@ def build_run(
     resumed_from, resumed = resolve_resume(resume) if resume else (None, None)
     if resumed:
         # The caller passes the run's own recipe (see `workflows.resume_recipe`), plus what the user changed.
+        check_resumable(recipe, resumed, resumed_from)
         kind = resumed.get("kind", kind)
     info = init_distributed(_device_type(recipe.train.device))
     device = resolve_device(recipe.train.device, info)
@@ -263,7 +282,7 @@ def build_run(
     if resumed:
         _restore(run, resumed)
     if recipe.model.compile and device.type == "cuda":
-        run.compiled = torch.compile(model)
+        run.compiled = torch.compile(model, dynamic=False)  # progressive sizes: one static graph per size
     return run
 
 
@@ -272,13 +291,63 @@ def _device_type(name: str) -> str:
     return "cuda" if name.startswith("cuda") or (name == "auto" and torch.cuda.is_available()) else "cpu"
 
 
+# What a resumed run must keep from its checkpoint: the model, the data it sees, and the optimizer state's shape.
+# Anything else (more --epochs, another --device, num_workers) may change; these need a new run with --init.
+RESUME_FIXED = (
+    ("task",),
+    ("model", "arch"),
+    ("data", "img_size"),
+    ("data", "grayscale"),
+    ("data", "crop_mode"),
+    ("data", "roi_crop"),
+    ("data", "layout"),
+    ("data", "max_classes"),
+    ("train", "batch_size"),
+    ("optim", "name"),
+    ("optim", "accum_steps"),
+    ("finetune", "strategy"),
+)
+
+
+def check_resumable(recipe: Recipe, ckpt: dict, path: Path) -> None:
+    """One line when the recipe to continue differs from the checkpoint's in what the weights, the optimizer
+    state or the position in the data depend on (e.g. `--resume run --arch resnet50`)."""
+    from tlkit.checkpoint import CheckpointError
+    from tlkit.config import to_dict
+
+    now, then = to_dict(recipe), ckpt.get("recipe") or {}
+    model = {**(then.get("model") or {}), "arch": ckpt["arch"]}
+    then = {**then, "task": ckpt.get("task", then.get("task")), "model": model}
+    for keys in RESUME_FIXED:
+        old, new = then, now
+        for key in keys:
+            old = old.get(key) if isinstance(old, dict) else None
+            new = new.get(key) if isinstance(new, dict) else None
+        if old is not None and new is not None and old != new:
+            name = ".".join(keys)
+            raise CheckpointError(
+                f"cannot resume {path}: it was trained with {name}={old}, not {new}; resume without changing "
+                f"{name}, or start a new run from it with --init {path.parent / 'best.pt'}"
+            )
+
+
 def _restore(run: Run, ckpt: dict) -> None:
     """Continue from a checkpoint: weights, optimizer, schedule, EMA, position, history, torch's generator."""
-    run.model.load_state_dict(ckpt["model"])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    run.scheduler.load_state_dict(ckpt["scheduler"])
-    if run.ema is not None and ckpt.get("ema"):
-        run.ema.load_state_dict(ckpt["ema"])
+    from tlkit.checkpoint import CheckpointError
+
+    try:
+        run.model.load_state_dict(ckpt["model"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.scheduler.load_state_dict(ckpt["scheduler"])
+        if run.ema is not None and ckpt.get("ema"):
+            run.ema.load_state_dict(ckpt["ema"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:  # a checkpoint edited or made by another recipe
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+        detail = (lines[1] if len(lines) > 1 else lines[0] if lines else type(e).__name__)[:200]
+        raise CheckpointError(f"cannot resume {run.resumed_from}: its state does not fit this run ({detail})") from None
+    if run.ema is not None:
+        # old checkpoints have no count: the optimizer steps taken (one EMA update each) stand in for it
+        run.ema.updates = int(ckpt.get("ema_updates", run.scheduler.last_epoch))
     start_epoch, start_step = ckpt["epoch"], ckpt.get("step_in_epoch", 0)
     run.state = RunState(
         start_epoch=start_epoch if start_step else start_epoch + 1,  # an epoch-end checkpoint: the next epoch

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from tlkit.config import FinetuneConfig
+from tlkit.config import STRATEGIES, FinetuneConfig
 from tlkit.models import body_stages, head_parameter_names
-
-STRATEGIES = ("linear-probe", "full", "freeze-unfreeze")
 
 
 class Strategy:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from tlkit.checkpoint import load_tlkit_checkpoint, newest_run, resolve_checkpoint
+from tlkit.checkpoint import disk_full_names, load_tlkit_checkpoint, newest_run, resolve_checkpoint
 from tlkit.config import Recipe, load_recipe, replace
 from tlkit.paths import runs_dir
 from tlkit.progress import console
@@ -25,7 +25,8 @@ def resolve_init(recipe: Recipe) -> Recipe:
     if newest is None:
         raise InitError(
             f"no pretrained checkpoint in {runs_dir()}/: run `tlkit pretrain` first, or pass "
-            "--init scratch, or --init <weights file> (tlkit checkpoint, timm/torchvision .pth/.safetensors)"
+            "--init scratch, --init timm:<model>.<tag> / hf-hub:<org>/<repo> / torchvision:<Weights> (published "
+            "weights), or --init <weights file> (tlkit checkpoint, timm/torchvision .pth/.safetensors)"
         )
     console.print(f"init: {newest} (newest pretrain run)")
     return replace(recipe, model={"init": str(newest)})
@@ -50,7 +51,16 @@ def run_training(
         recipe = resume_recipe(resume, overrides)
     else:
         recipe = resolve_init(load_recipe(recipe_name, overrides, cuda=torch.cuda.is_available()))
-    return task_of(recipe).train(recipe, kind=kind, resume=resume, quiet=quiet)
+    from tlkit.trackers import check_loggers, finish_trackers
+
+    check_loggers(recipe)  # a listed tracker that is not installed: one line, before any folder is made
+    try:
+        run_dir = task_of(recipe).train(recipe, kind=kind, resume=resume, quiet=quiet)
+    except BaseException:
+        finish_trackers(None, recipe, ok=False)
+        raise
+    finish_trackers(run_dir, recipe)  # the report exists now: MLflow / W&B get it, then their runs end
+    return run_dir
 
 
 def evaluate_checkpoint(
@@ -61,6 +71,7 @@ def evaluate_checkpoint(
     path = resolve_checkpoint(checkpoint)
     ckpt = load_tlkit_checkpoint(path)
     out = Path(out) if out else path.parent / f"eval-{split}"
-    metrics = task_of(ckpt).evaluate(ckpt, path, data, split=split, out=out, **options)
+    with disk_full_names(out):  # the report folder: a full disk is one line naming it
+        metrics = task_of(ckpt).evaluate(ckpt, path, data, split=split, out=out, **options)
     console.print(f"report: {out / 'report.md'}")
     return metrics

@@ -32,6 +32,11 @@ DATASETS = {
 }
 
 
+# heldout_*: cross-fitted on val (each half judged by the threshold/temperature fitted on the other half); the
+# plain sensitivity/specificity are in-sample (threshold fitted on the same images), shown only without them.
+VAL_KEYS = ("sensitivity", "specificity", "heldout_sensitivity", "heldout_specificity", "auroc", "n", "accuracy")
+
+
 def predict(predictor, image, explain: bool = True) -> dict:
     """Pure prediction: image (path, bytes, PIL or RGB array) -> JSON-able result plus an overlay.
 
@@ -42,7 +47,7 @@ def predict(predictor, image, explain: bool = True) -> dict:
         "label": result["label"],
         "probabilities": {t["label"]: t["probability"] for t in result["topk"]},
         "decision": result.get("decision"),
-        "val": {k: predictor.val_metrics.get(k) for k in ("sensitivity", "specificity", "auroc", "n", "accuracy")},
+        "val": {k: predictor.val_metrics.get(k) for k in VAL_KEYS},
         "gradcam": None,
     }
     if explain:
@@ -50,6 +55,16 @@ def predict(predictor, image, explain: bool = True) -> dict:
 
         _, out["gradcam"] = gradcam(predictor, image)
     return out
+
+
+def dicom_or_error(path):
+    """An uploaded DICOM file -> RGB array (window / LUTs applied as a viewer would), or a message in the UI."""
+    from tlkit.data.io import ImageDecodeError, describe_error, load_rgb_array
+
+    try:
+        return load_rgb_array(path)
+    except (ImageDecodeError, OSError) as e:
+        raise gr.Error(f"{Path(path).name}: {describe_error(e, path)}", title="Cannot use this DICOM file") from None
 
 
 def _fmt(value) -> str:
@@ -67,11 +82,18 @@ def decision_markdown(result: dict) -> str:
         f"P({pos}) = {decision['score']:.3f} {relation} threshold {decision['threshold']:.3f} "
         "(the threshold was chosen on the validation set).",
     ]
-    if val.get("sensitivity") is not None or val.get("specificity") is not None:
-        n = f" (n = {val['n']})" if val.get("n") else ""
+    n = f", n = {val['n']}" if val.get("n") else ""
+    if val.get("heldout_sensitivity") is not None or val.get("heldout_specificity") is not None:
         lines.append(
-            f"At this threshold on validation{n}: sensitivity {_fmt(val.get('sensitivity'))}, "
-            f"specificity {_fmt(val.get('specificity'))}, AUROC {_fmt(val.get('auroc'))}."
+            f"On held-out val (2-fold cross-fit: each half scored with the threshold fitted on the other{n}): "
+            f"sensitivity {_fmt(val.get('heldout_sensitivity'))}, specificity {_fmt(val.get('heldout_specificity'))}"
+            f"; AUROC {_fmt(val.get('auroc'))}."
+        )
+    elif val.get("sensitivity") is not None or val.get("specificity") is not None:
+        lines.append(
+            f"In-sample on val (the threshold was fitted on these images{n}, so optimistic): "
+            f"sensitivity {_fmt(val.get('sensitivity'))}, specificity {_fmt(val.get('specificity'))}, "
+            f"AUROC {_fmt(val.get('auroc'))}."
         )
     return "\n\n".join(lines)
 
@@ -96,8 +118,9 @@ def build_demo(checkpoint: str | Path | None = None, *, preload: bool = True) ->
     fallback = dataset or (meta or {}).get("recipe", {}).get("data", {}).get("name", "chest_xray")
     examples = example_files(meta.get("data_root") if meta else None, fallback, per_class=2, limit=4)
 
-    def on_submit(image_path):
-        result = predict(service.get_for_request(), upload_or_error(image_path))
+    def on_submit(image_path, dicom_path=None):
+        image = dicom_or_error(dicom_path) if dicom_path else upload_or_error(image_path)
+        result = predict(service.get_for_request(), image)
         overlay_png = image_file(result["gradcam"], "gradcam")  # not the array: see image_file
         return result["probabilities"], decision_markdown(result), overlay_png
 
@@ -109,6 +132,8 @@ def build_demo(checkpoint: str | Path | None = None, *, preload: bool = True) ->
                 image = upload_image(
                     label=input_label, sources=["upload", "clipboard"], height=320, elem_id="image-input"
                 )
+                # The image box takes what a browser can show; DICOM goes through a file box (tlkit.data.dicom).
+                dicom = gr.File(label="...or a DICOM file (.dcm)", file_types=[".dcm"], height=80, elem_id="dicom")
                 button = gr.Button("Analyse", variant="primary")
                 if examples:
                     gr.Examples(examples=examples, inputs=image, label="Examples from the validation split")
@@ -117,7 +142,7 @@ def build_demo(checkpoint: str | Path | None = None, *, preload: bool = True) ->
                 decision = gr.Markdown(elem_id="decision")
                 overlay = gr.Image(label="Grad-CAM: regions that drove the prediction", height=320, format="png")
         gr.Markdown(model_markdown(meta))
-        button.click(on_submit, inputs=image, outputs=[probs, decision, overlay], api_name="predict")
+        button.click(on_submit, inputs=[image, dicom], outputs=[probs, decision, overlay], api_name="predict")
     return demo
 
 

@@ -42,16 +42,11 @@ def load_monitor(path: Path) -> Monitor:
 
 
 def peak_heatmap(monitor: Monitor, frame: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    """RGB overlay of the heat map on the frame (red = far from every normal patch, or unusual motion), made
-    from the frame's patch `grid` kept while streaming."""
-    import cv2
+    """RGB overlay of the heat map on the frame, from the frame's patch `grid` kept while streaming (the task's
+    `heatmap_overlay`, also what `tlkit watch` writes)."""
+    from tlkit.tasks.anomaly.stream import heatmap_overlay
 
-    m = monitor.scorer.upsample_map(grid, frame.shape[:2])
-    lo = min(float(np.percentile(m, 5)), 0.0)
-    hi = max(float(m.max()), (monitor.threshold or 0.0) + 1e-6, lo + 1e-6)
-    norm = np.clip((m - lo) / (hi - lo), 0, 1)
-    heat = cv2.cvtColor(cv2.applyColorMap(np.uint8(255 * norm), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
-    return (0.55 * frame.astype(np.float32) + 0.45 * heat.astype(np.float32)).clip(0, 255).astype(np.uint8)
+    return heatmap_overlay(monitor, frame, grid)
 
 
 def alert_rows(events: list[dict], fps: float) -> list[list]:
@@ -128,11 +123,12 @@ def build_demo(checkpoint: str | Path | None = None, *, preload: bool = True) ->
     sample = data_root() / "ucsd_ped2" / "sample.mp4"
     empty_alerts = {"headers": ALERT_COLUMNS, "data": []}
 
-    def on_analyze(video, files):
+    def on_analyze(video, files, url=""):
         from tlkit.tasks.anomaly import analyze_stream, open_source
 
         try:
-            frames, fps, total = open_source(video, files)
+            # a stream URL only when nothing was uploaded: the tabs keep their contents when switching
+            frames, fps, total = open_source(video, files, None if video or files else url)
         except ValueError as e:
             raise gr.Error(str(e), title="Cannot use this input") from None
         monitor = service.get_for_request()
@@ -182,6 +178,13 @@ def build_demo(checkpoint: str | Path | None = None, *, preload: bool = True) ->
                         gr.Examples(examples=[str(sample)], inputs=video, label="Example: UCSD Ped2 Test001")
                 with gr.Tab("Frames"):
                     files = gr.File(label="Frame images (in name order)", file_count="multiple", file_types=["image"])
+                with gr.Tab("Stream URL"):
+                    url = gr.Textbox(
+                        value="",
+                        label="Camera or stream URL (rtsp://, http://...mjpg, .m3u8); scored live, newest frame first",
+                        placeholder="rtsp://camera.local/stream1",
+                        elem_id="stream-url",
+                    )
                 button = gr.Button("Analyse", variant="primary")
                 status = gr.Textbox(label="Status", interactive=False, lines=2, elem_id="status")
             with gr.Column(scale=3):
@@ -213,7 +216,7 @@ def build_demo(checkpoint: str | Path | None = None, *, preload: bool = True) ->
 
         button.click(
             on_analyze,
-            inputs=[video, files],
+            inputs=[video, files, url],
             outputs=[status, plot, alerts, peak_frame, peak_map],
             api_name="analyze",
         )

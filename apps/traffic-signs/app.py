@@ -68,10 +68,17 @@ def build_demo(checkpoint: str | Path | None = None, *, preload: bool = True) ->
         if meta:
             val = meta.get("val_metrics") or {}
             top1 = val.get("top1")
+            roi = ((meta.get("recipe") or {}).get("data") or {}).get("roi_crop", False)
             gr.Markdown(
                 f"Model: `{meta.get('arch')}`, {len(meta.get('classes', []))} classes, input "
                 f"{meta.get('preprocessing', {}).get('img_size')} px"
                 + (f", val top-1 {100 * top1:.1f}%." if top1 is not None else ".")
+                + (
+                    " It was trained on the sign's box cut from each frame; an upload or example has no box here and "
+                    "is used whole, so crop photos tightly around the sign."
+                    if roi
+                    else ""
+                )
             )
         button.click(on_submit, inputs=image, outputs=[top5, overlay], api_name="predict")
     return demo

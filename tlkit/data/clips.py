@@ -7,9 +7,13 @@ only when a video file is opened: GPU training images may not ship it, and nothi
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import logging
 import re
-from collections.abc import Iterable, Iterator
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from tlkit.data.io import IMAGE_EXTENSIONS, is_image_file
+from tlkit.data.io import IMAGE_EXTENSIONS, is_image_file, upright
 
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
 DEFAULT_FPS = 10.0  # UCSD Ped2's nominal rate; used when a container does not report one
@@ -108,13 +112,13 @@ def load_clips(split_dir: str | Path, fps: float = DEFAULT_FPS) -> list[Clip]:
 def load_frame(path: str | Path) -> np.ndarray:
     """One image file as an RGB uint8 array (H, W, 3); grayscale is replicated to 3 channels."""
     with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+        return np.asarray(upright(im).convert("RGB"))
 
 
 def to_rgb(frame: np.ndarray | Image.Image) -> np.ndarray:
     """An (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array or PIL image as RGB uint8 (H, W, 3)."""
     if isinstance(frame, Image.Image):
-        return np.asarray(frame.convert("RGB"))
+        return np.asarray(upright(frame).convert("RGB"))
     arr = np.asarray(frame)
     if arr.dtype != np.uint8:
         # Float frames in [0, 1] are common from other pipelines; anything else is clipped to 0..255.
@@ -274,3 +278,169 @@ def _iter_path(path: Path) -> Iterator[np.ndarray]:
         yield frame
     if n == 0:
         raise ValueError(f"cannot read video {path}: no frames could be decoded")
+
+
+# ---- live streams --------------------------------------------------------------------------------------------
+
+STREAM_TIMEOUT_MS = 10_000  # OpenCV/FFmpeg open and read timeouts: a dead camera is noticed within seconds
+RECONNECT_BACKOFF = (0.5, 10.0)  # seconds: first wait after a drop, doubling up to the cap
+log = logging.getLogger("tlkit.stream")
+
+
+def webcam_index(source: str | int) -> int | None:
+    """`0`, `"1"` -> a camera index; anything else -> None."""
+    if isinstance(source, int):
+        return source
+    return int(source) if str(source).strip().isdigit() else None
+
+
+def is_stream_url(source: str | Path) -> bool:
+    """rtsp://, http(s)://, udp://, ... (what OpenCV's FFmpeg backend opens); not file:// or a plain path."""
+    text = str(source)
+    return bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", text)) and not text.lower().startswith("file://")
+
+
+@dataclass
+class LiveFrame:
+    """A frame from a `LiveStream`: its number in the stream (dropped frames count too), when it arrived
+    (time.time()), and the RGB uint8 pixels."""
+
+    index: int
+    wall: float
+    rgb: np.ndarray
+
+
+def _open_capture(source: str | int, timeout_ms: int) -> Any:
+    # FFmpeg's and OpenCV's own messages about a refused connection would repeat on every reconnect attempt;
+    # LiveStream logs one line per attempt instead (OPENCV_FFMPEG_LOGLEVEL set by the user still wins).
+    import os
+
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+    import cv2
+
+    with contextlib.suppress(AttributeError):
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    index = webcam_index(source)
+    if index is not None:
+        cap = cv2.VideoCapture(index)
+    else:
+        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, timeout_ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, timeout_ms]
+        cap = cv2.VideoCapture(str(source), cv2.CAP_FFMPEG, params)
+    if not cap.isOpened():
+        cap.release()
+        what = f"camera {index}" if index is not None else str(source)
+        raise ValueError(f"cannot open {what}: OpenCV (FFmpeg) could not open it")
+    return cap
+
+
+class LiveStream:
+    """A camera, network stream or (with `paced=True`) a video file played like a camera, read by a background
+    thread that keeps only the newest frame: a consumer slower than the stream gets the latest frame each
+    time and never falls behind; frames it never took are counted in `dropped`. A stream that stops
+    delivering is reopened with backoff (`reconnect`); each drop and reconnection is logged."""
+
+    def __init__(
+        self,
+        source: str | int | Path,
+        *,
+        paced: bool = False,
+        reconnect: bool = True,
+        backoff: tuple[float, float] = RECONNECT_BACKOFF,
+        timeout_ms: int = STREAM_TIMEOUT_MS,
+        on_log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.source = str(source) if isinstance(source, Path) else source
+        self.paced = paced
+        self.reconnect = reconnect
+        self.backoff = backoff
+        self.timeout_ms = timeout_ms
+        self.log = on_log or log.info
+        self.fps: float | None = None
+        self.received = self.dropped = self.reconnects = 0
+        self._slot: LiveFrame | None = None
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._ended = False
+        self._cap: Any = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> LiveStream:
+        """Open the source now (ValueError with one line if it cannot be) and start reading."""
+        import cv2
+
+        self._cap = _open_capture(self.source, self.timeout_ms)
+        fps = float(self._cap.get(cv2.CAP_PROP_FPS) or 0.0)
+        self.fps = fps if 0 < fps < 1000 else None  # some streams report 90000 (the RTP clock) or nothing
+        self._thread = threading.Thread(target=self._run, name="tlkit-stream-reader", daemon=True)
+        self._thread.start()
+        return self
+
+    def _publish(self, rgb: np.ndarray) -> None:
+        with self._cond:
+            if self._slot is not None:
+                self.dropped += 1  # the consumer never took the previous frame: the newest one replaces it
+            self._slot = LiveFrame(self.received, time.time(), rgb)
+            self.received += 1
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        import cv2
+
+        t0 = time.perf_counter()
+        try:
+            while not self._stop.is_set():
+                ok, bgr = self._cap.read()
+                if not ok:
+                    if not self.reconnect or not self._reopen():
+                        return
+                    continue
+                if self.paced:  # a file played like a camera: frame k becomes available at k / fps
+                    self._stop.wait(max(0.0, t0 + self.received / (self.fps or DEFAULT_FPS) - time.perf_counter()))
+                self._publish(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+        finally:
+            if self._cap is not None:
+                self._cap.release()
+            with self._cond:
+                self._ended = True
+                self._cond.notify_all()
+
+    def _reopen(self) -> bool:
+        """Reopen a dropped stream, waiting `backoff[0]` seconds, doubling up to `backoff[1]`; False if stopped."""
+        self._cap.release()
+        self._cap = None
+        lost = time.perf_counter()
+        delay = self.backoff[0]
+        self.log(f"stream lost: {self.source} stopped sending frames; reconnecting (retry in {delay:g} s)")
+        while not self._stop.wait(delay):
+            try:
+                self._cap = _open_capture(self.source, self.timeout_ms)
+            except ValueError:
+                delay = min(delay * 2, self.backoff[1])
+                self.log(f"reconnect to {self.source} failed; retry in {delay:g} s")
+                continue
+            self.reconnects += 1
+            self.log(f"reconnected to {self.source} after {time.perf_counter() - lost:.1f} s")
+            return True
+        return False
+
+    def frames(self, stop: threading.Event | None = None) -> Iterator[LiveFrame]:
+        """The newest frame each time one is asked for (waiting for the next if none is new), until the stream
+        ends (a paced file, or `reconnect=False`), `close()` or `stop` is set."""
+        while True:
+            with self._cond:
+                while self._slot is None and not self._ended and not self._stop.is_set():
+                    if stop is not None and stop.is_set():
+                        return
+                    self._cond.wait(0.2)
+                frame, self._slot = self._slot, None
+            if frame is None or (stop is not None and stop.is_set()):
+                return
+            yield frame
+
+    def close(self) -> None:
+        """Stop the reader thread and release the source."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=self.timeout_ms / 1000 + 1)

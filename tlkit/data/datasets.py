@@ -6,7 +6,10 @@ Accepted layouts for a dataset root `R` and a split `S` (train / val):
 - `R/ILSVRC/Data/CLS-LOC/S/...` (the Kaggle archive unpacked as is);
 - `R` itself a split folder (`R/<class>/*`), e.g. `tlkit evaluate --data path/to/val`;
 - with `layout="clips"`: `R/S/<clip>/NNN.jpg` (+ `labels.csv` frame,label) video frames, classes normal /
-  abnormal (UCSD Ped2 layout; a clip without labels.csv is all normal).
+  abnormal (UCSD Ped2 layout; a clip without labels.csv is all normal);
+- with `layout="csv"` (or `R` a `.csv` file): `R` lists `path,label[,split]`, paths relative to the CSV; classes
+  are the sorted labels of the train split; without a `split` column the rows are the split asked for (a
+  labelled list to evaluate), and training has no val split.
 Display names come from `LOC_synset_mapping.txt`, `classes.txt` or `classes.csv` when present.
 """
 
@@ -40,12 +43,59 @@ class Sample:
 
 
 SPLIT_NAMES = ("train", "val", "test")
-LAYOUTS = ("auto", "clips")
+LAYOUTS = ("auto", "clips", "csv")
 CLIP_CLASSES = ["normal", "abnormal"]  # labels.csv 0 / 1
 
 
 def has_split(root: Path, split: str) -> bool:
+    if is_csv(root):
+        return split in _csv_splits(Path(root))
     return (_dataset_base(Path(root)) / split).is_dir()
+
+
+# ---- csv layout: path,label[,split] ------------------------------------------------------------------------
+
+
+def is_csv(root: Path | str) -> bool:
+    return Path(root).suffix.lower() == ".csv" and Path(root).is_file()
+
+
+def _csv_rows(path: Path) -> tuple[list[dict[str, str]], bool]:
+    """(rows, has a split column); the header must name `path` and `label`."""
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            columns = [c.strip() for c in reader.fieldnames or []]
+            if not {"path", "label"} <= set(columns):
+                raise DataError(f"{path} needs a header row path,label[,split]; found: {','.join(columns) or 'none'}")
+            reader.fieldnames = columns
+            return list(reader), "split" in columns
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
+
+
+def _csv_splits(path: Path) -> set[str]:
+    rows, with_split = _csv_rows(path)
+    return {(r.get("split") or "").strip() for r in rows} if with_split else set()
+
+
+def _csv_pairs(path: Path, split: str) -> tuple[list[tuple[Path, str]], list[str]]:
+    """(image, label) pairs of `split` (every row when there is no split column), and their sorted labels.
+    A row without a path or label is skipped and counted; a missing file is counted when it fails to load."""
+    rows, with_split = _csv_rows(path)
+    pairs, skipped = [], 0
+    for row in rows:
+        file, label = (row.get("path") or "").strip(), (row.get("label") or "").strip()
+        if not file or not label:
+            skipped += 1
+        elif not with_split or (row.get("split") or "").strip() == split:
+            pairs.append((path.parent / file, label))  # an absolute path stays absolute
+    if skipped:
+        log.warning("skipped %d unreadable row(s) of %s (no path or no label)", skipped, path)
+    if not pairs:
+        splits = ", ".join(sorted(_csv_splits(path))) or "none"
+        raise DataError(f"no rows for split {split!r} in {path} (splits in its split column: {splits})")
+    return pairs, sorted({label for _, label in pairs})
 
 
 def _dataset_base(root: Path) -> Path:
@@ -99,11 +149,22 @@ def read_class_names(root: Path, class_ids: list[str]) -> list[str]:
     return [names.get(cid, cid) for cid in class_ids]
 
 
-def _read_boxes(root: Path, split: str) -> dict[str, tuple[int, int, int, int]]:
-    """ROI boxes from `<root>/<split>_labels.csv` (GTSRB style: filename, roi_x1..roi_y2)."""
-    path = root / f"{split}_labels.csv"
-    if not path.is_file():
-        return {}
+def boxes_file(root: Path, split: str, split_dir: Path) -> Path:
+    """`<split>_labels.csv` beside the split folder (in the dataset root), also when the split folder itself was
+    given (`--data gtsrb/val` finds gtsrb/val_labels.csv). None found -> DataError: a model trained on box crops
+    must not silently see whole frames (`data.roi_crop`)."""
+    for path in (split_dir.parent / f"{split_dir.name}_labels.csv", Path(root) / f"{split}_labels.csv"):
+        if path.is_file():
+            return path
+    raise DataError(
+        f"roi_crop is on (the model sees each image cropped to its box) but there is no {split_dir.name}_labels.csv "
+        f"beside {split_dir}; add the box file (filename, roi_x1, roi_y1, roi_x2, roi_y2) or, for a new run, "
+        "--set data.roi_crop=false"
+    )
+
+
+def read_boxes(path: Path) -> dict[str, tuple[int, int, int, int]]:
+    """ROI boxes from a GTSRB-style CSV (filename, roi_x1..roi_y2), by file name."""
     boxes = {}
     with path.open(newline="") as f:
         for row in csv.DictReader(f):
@@ -170,7 +231,12 @@ def scan_split(
     if layout not in LAYOUTS:
         raise DataError(f"unknown data layout {layout!r}; use one of {', '.join(LAYOUTS)}")
     root = Path(root)
-    split_dir = find_split_dir(root, split) if layout == "auto" else _dataset_base(root) / split
+    if layout == "csv" or (layout == "auto" and is_csv(root)):
+        if not is_csv(root):
+            raise DataError(f"data.layout csv reads a .csv file (path,label[,split]); {root} is not one")
+        layout, split_dir = "csv", root  # the CSV stands where a split folder would
+    else:
+        split_dir = find_split_dir(root, split) if layout == "auto" else _dataset_base(root) / split
     if layout == "clips" and not split_dir.is_dir():
         split_dir = root  # a folder of clips (or one clip) given directly, as `tlkit evaluate --data` allows
     class_dirs = _class_dirs(split_dir) if layout == "auto" else []
@@ -178,6 +244,8 @@ def scan_split(
     if layout == "clips":
         pairs, found = _clip_pairs(split_dir, clips, skip_clips)
         classes = list(CLIP_CLASSES) if classes is None else classes
+    elif layout == "csv":
+        pairs, found = _csv_pairs(root, split)
     elif class_dirs:
         found = [d.name for d in class_dirs]
         # List files only in the folders that can be used: a smoke run on 5 classes of ImageNet
@@ -204,11 +272,16 @@ def scan_split(
                 f"(model classes: {', '.join(classes[:5])}{' ...' if len(classes) > 5 else ''})"
             )
     index = {c: i for i, c in enumerate(classes)}
-    boxes = _read_boxes(root, split) if roi_crop else {}
+    box_csv = boxes_file(root, split, split_dir) if roi_crop else None
+    boxes = read_boxes(box_csv) if box_csv else {}
     per_class: dict[int, list[Sample]] = {i: [] for i in range(len(classes))}
     for path, cid in pairs:
         if cid in index:
             per_class[index[cid]].append(Sample(path, index[cid], boxes.get(path.name)))
+    if box_csv is not None:
+        unboxed = [s.path.name for ss in per_class.values() for s in ss if s.box is None]
+        if unboxed:
+            raise DataError(f"{len(unboxed)} image(s) in {split_dir} have no box in {box_csv} (e.g. {unboxed[0]})")
     # A class folder that exists but holds no images is a broken dataset, not a class to drop quietly.
     empty = [c for c in found if c in index and not per_class[index[c]]]
     if empty:
@@ -219,6 +292,17 @@ def scan_split(
     if not samples:
         raise DataError(f"no images found in {split_dir}")
     return samples, list(classes)
+
+
+def crop_to_box(image: np.ndarray, box: tuple[int, int, int, int] | None) -> np.ndarray:
+    """The ROI (x1, y1, x2, y2) cut from an HxWx3 image, clipped to it; the whole image when there is no box
+    or the box is degenerate (under 4 px)."""
+    if box is None:
+        return image
+    x1, y1, x2, y2 = box
+    h, w = image.shape[:2]
+    x1, y1, x2, y2 = max(0, x1), max(0, y1), min(w, x2), min(h, y2)
+    return image[y1:y2, x1:x2] if x2 - x1 >= 4 and y2 - y1 >= 4 else image
 
 
 class ImageDataset(Dataset):
@@ -244,14 +328,7 @@ class ImageDataset(Dataset):
 
     def load(self, index: int) -> np.ndarray:
         sample = self.samples[index]
-        image = load_rgb_array(sample.path)
-        if sample.box is not None:
-            x1, y1, x2, y2 = sample.box
-            h, w = image.shape[:2]
-            x1, y1, x2, y2 = max(0, x1), max(0, y1), min(w, x2), min(h, y2)
-            if x2 - x1 >= 4 and y2 - y1 >= 4:
-                image = image[y1:y2, x1:x2]
-        return image
+        return crop_to_box(load_rgb_array(sample.path), sample.box)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
         failed = 0

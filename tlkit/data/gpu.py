@@ -208,6 +208,7 @@ class _BatchLoader:
         self.sampler = epoch_sampler(n, train=train, seed=seed, rank=rank, world=world, weights=weights)
         self.drop_last = train and n >= batch_size * world
         self._failed = torch.zeros(batch_size, dtype=torch.int64)
+        self.known_failed = 0
 
     def __len__(self) -> int:
         n = len(self.sampler)
@@ -230,7 +231,13 @@ class _BatchLoader:
     def _generator(self, batch: int) -> torch.Generator:
         return batch_generator(self.seed, self.sampler.epoch, batch)
 
-    def failed_zeros(self, n: int) -> torch.Tensor:
+    def failed_zeros(self, n: int, batch: int = -1) -> torch.Tensor:
+        """The batch's unreadable-image counts: none are read here, but files a pack could not decode are
+        counted once an epoch, in its first batch (`known_failed`, set on rank 0), as the DataLoader counts them."""
+        if batch == 0 and self.known_failed:
+            out = torch.zeros(n, dtype=torch.int64)
+            out[0] = self.known_failed
+            return out
         return self._failed[:n] if n <= len(self._failed) else torch.zeros(n, dtype=torch.int64)
 
 
@@ -284,7 +291,7 @@ class DeviceLoader(_BatchLoader):
             index = torch.as_tensor(idx, dtype=torch.int64).to(self.device, non_blocking=True)
             batch = nhwc_to_nchw(self.images.index_select(0, index))
             out = augment_batch(batch, self.size, train=self.train, generator=self._generator(b), **self.aug)
-            yield out, self.labels.index_select(0, index), self.failed_zeros(len(idx))
+            yield out, self.labels.index_select(0, index), self.failed_zeros(len(idx), b)
 
 
 # ---- GPU JPEG decoding --------------------------------------------------------------------------------------

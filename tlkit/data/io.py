@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 # Larger than any sane photo or scan (~16k x 16k); beyond this PIL warns about decompression bombs.
 MAX_PIXELS = 268_000_000
@@ -25,11 +25,18 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 # The one list of image file types for the whole project: datasets, prediction folders, video frame folders.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif", ".dcm")
 
 
 class ImageDecodeError(ValueError):
     """The file is not a decodable image; the message names the file and the reason."""
+
+
+def is_dicom(source: str | Path | bytes) -> bool:
+    """A `.dcm` path, or bytes with the DICOM magic (b"DICM" after the 128-byte preamble)."""
+    if isinstance(source, bytes):
+        return source[128:132] == b"DICM"
+    return Path(source).suffix.lower() == ".dcm"
 
 
 def is_image_file(path: Path) -> bool:
@@ -61,10 +68,23 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+EXIF_ORIENTATION = 0x0112
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: a phone photo stored sideways with EXIF orientation 6 is rotated
+    (and the tag dropped), so training, evaluation, prediction and the demos all see it upright."""
+    try:
+        orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    except (OSError, SyntaxError, ValueError):  # a broken EXIF block: the pixels are still usable as stored
+        return img
+    return ImageOps.exif_transpose(img) if orientation not in (0, 1) else img
+
+
 def open_image(source: str | Path | bytes | Image.Image | np.ndarray) -> Image.Image:
     """Decode a path, raw bytes, a PIL image or an HxW[xC] uint8 array into an 8-bit RGB PIL image."""
     if isinstance(source, Image.Image):
-        return to_rgb(source)
+        return to_rgb(upright(source))
     if isinstance(source, np.ndarray):
         arr = source
         if arr.ndim == 3 and arr.shape[2] == 1:
@@ -73,6 +93,13 @@ def open_image(source: str | Path | bytes | Image.Image | np.ndarray) -> Image.I
             return to_rgb(Image.fromarray(arr.astype(np.float32), mode="F"))
         return to_rgb(Image.fromarray(arr))
     name = "<bytes>" if isinstance(source, bytes) else str(source)
+    if is_dicom(source):  # pydicom, with the modality and VOI LUTs a viewer applies (tlkit.data.dicom)
+        from tlkit.data.dicom import read_dicom
+
+        try:
+            return to_rgb(Image.fromarray(read_dicom(source)))
+        except ValueError as e:
+            raise ImageDecodeError(f"{name}: {e}") from None
     try:
         fp = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
     except OSError as e:
@@ -87,12 +114,12 @@ def open_image(source: str | Path | bytes | Image.Image | np.ndarray) -> Image.I
             img.load()
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)
-            return to_rgb(img)
+            return to_rgb(upright(img))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageDecodeError(f"{name}: image too large (over {Image.MAX_IMAGE_PIXELS:,} pixels)") from None
     except (OSError, SyntaxError, ValueError, EOFError, Image.UnidentifiedImageError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ImageDecodeError(f"{name}: {reason}") from None
+        # PIL names the open file object (`<_io.BufferedReader name=...>`); the one formatter says it plainly
+        raise ImageDecodeError(f"{name}: {describe_error(e, name)}") from None
 
 
 def load_rgb_array(source: str | Path | bytes | Image.Image | np.ndarray) -> np.ndarray:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from tlkit.config import DataConfig, Recipe
-from tlkit.data.datasets import ImageDataset, has_split, read_class_names, scan_split
+from tlkit.data.datasets import ImageDataset, Sample, has_split, read_class_names, scan_split
 from tlkit.data.transforms import Preprocessing, eval_transform, train_transform
 from tlkit.paths import resolve_data
 
@@ -68,7 +69,11 @@ class DataBundle:
     root: str
 
 
-def build_datasets(recipe: Recipe, pre: Preprocessing, class_ids: list[str] | None = None) -> DataBundle:
+def recipe_samples(
+    recipe: Recipe, class_ids: list[str] | None = None
+) -> tuple[Path, list[Sample], list[Sample] | None, list[str]]:
+    """(root, train samples, val samples or None, class ids) of a recipe's data: what every loader (and
+    `tlkit data pack`) reads, from `scan_split` with the recipe's subset, ROI and layout settings."""
     data = recipe.data
     root = resolve_data(data.name)
     common = dict(
@@ -84,12 +89,24 @@ def build_datasets(recipe: Recipe, pre: Preprocessing, class_ids: list[str] | No
         # Labelled clips are scarce: the val split's other clips train, only `val_clips` validate.
         extra, _ = scan_split(root, data.val_split, ids, skip_clips=data.val_clips, **common)
         train_samples = train_samples + extra
-    train = ImageDataset(train_samples, train_transform(data), seed=recipe.train.seed)
-    val = None
+    val_samples = None
     if has_val:
         only = data.val_clips if data.layout == "clips" and data.val_clips else None
         val_samples, _ = scan_split(root, data.val_split, ids, clips=only, **common)
-        val = ImageDataset(val_samples, eval_transform(pre), seed=recipe.train.seed)
+    return root, train_samples, val_samples, ids
+
+
+def build_datasets(
+    recipe: Recipe, pre: Preprocessing, class_ids: list[str] | None = None, *, transforms: bool = True
+) -> DataBundle:
+    """The recipe's datasets with the CPU (albumentations) train/eval transforms; `transforms=False`: plain
+    decoded images (the `jpeg` loader augments on the device, and albumentations is never imported)."""
+    root, train_samples, val_samples, ids = recipe_samples(recipe, class_ids)
+    seed = recipe.train.seed
+    train = ImageDataset(train_samples, train_transform(recipe.data) if transforms else None, seed=seed)
+    val = None
+    if val_samples is not None:
+        val = ImageDataset(val_samples, eval_transform(pre) if transforms else None, seed=seed)
     return DataBundle(train, val, read_class_names(root, ids), ids, str(root))
 
 

@@ -1,14 +1,17 @@
 """Pack store: a split decoded once, pre-resized, as one uint8 N x S x S x 3 memory-mapped array.
 
-`tlkit data pack` (-> `pack_split`) writes, in one folder per split and size:
+`tlkit data pack` (-> `write_pack`) writes, in one folder per split and size:
 
     images.npy   uint8 (N, S, S, 3), standard .npy (np.load(..., mmap_mode="r") reads it)
     labels.npy   int64 (N,): class index, -1 for a file that could not be decoded (skipped on reading)
     files.txt    the source file of each row, relative to the dataset root
-    meta.json    format, version, split, size, fit, interpolation, classes, class_ids, count, failed
+    meta.json    format, version, split, size, fit, interpolation, classes, class_ids, count, failed, source
 
-meta.json is written last: a folder without it is an unfinished pack. Rows keep `scan_split`'s order
-(class by class), and the class list is the one the engine would build, so labels mean the same thing.
+A pack is written into `<out>.partial` and renamed into place when complete (atomic: an interrupted
+`tlkit data pack` leaves no half pack where a run would read it; running it again starts over). Rows keep
+`scan_split`'s order (class by class), and the class list is the one the engine would build, so labels
+mean the same thing. `source` records what the pack was made from (layout, file count, total bytes, a
+digest of the file list with sizes, the newest mtime): `check_source` refuses a pack whose data changed.
 
 Why raw pixels rather than FFCV's JPEG-in-a-file: decoding is what a GPU outruns first. A raw row is one
 memcpy from the page cache; batches are cropped and flipped on the device (`tlkit.data.gpu`). The price
@@ -23,12 +26,14 @@ whole image, aspect ratio not preserved.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +46,7 @@ log = logging.getLogger("tlkit.data.packed")
 
 PACK_FORMAT = "tlkit-pack"
 PACK_VERSION = 1
+PACK_HINT = "tlkit data pack --data DATA"  # the command that makes packs (tlkit/cli.py)
 FITS = ("crop", "squash")
 
 
@@ -66,10 +72,16 @@ def _resample(interpolation: str) -> int:
     return table[interpolation]
 
 
-def resize_for_pack(image: np.ndarray, size: int, fit: str = "crop", interpolation: str = "bilinear") -> np.ndarray:
+def resize_for_pack(
+    image: np.ndarray, size: int, fit: str = "crop", interpolation: str = "bilinear", eval_for: int = 0
+) -> np.ndarray:
     """HxWx3 uint8 -> size x size x 3 uint8. `crop`: short side to `size` (PIL, anti-aliased when
     shrinking), then the central square; an image already `size` on its short side is not resampled.
-    `squash`: the whole image to size x size."""
+    `squash`: the whole image to size x size.
+
+    `eval_for` > 0 (val packs): resize exactly as the eval transform does (`cv2.resize` of the short side to
+    `size`, as albumentations' SmallestMaxSize) and place the square so that its central `eval_for` crop is
+    the eval transform's CenterCrop, pixel for pixel: evaluation on the pack equals the cpu path's."""
     from PIL import Image
 
     h, w = image.shape[:2]
@@ -81,13 +93,26 @@ def resize_for_pack(image: np.ndarray, size: int, fit: str = "crop", interpolati
         raise ValueError(f"unknown fit {fit!r}; use one of {', '.join(FITS)}")
     scale = size / min(h, w)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    if (nh, nw) != (h, w):
+    if eval_for:
+        nh, nw = (size, nw) if h <= w else (nh, size)  # SmallestMaxSize's rounding
+    if (nh, nw) != (h, w) and eval_for:
+        import cv2
+
+        from tlkit.data.transforms import _INTERPOLATIONS  # the eval transform's cv2 flags
+
+        image = cv2.resize(image, (nw, nh), interpolation=_INTERPOLATIONS[interpolation])
+    elif (nh, nw) != (h, w):
         image = np.asarray(Image.fromarray(image).resize((nw, nh), _resample(interpolation)))
     top, left = (nh - size) // 2, (nw - size) // 2
+    if 0 < eval_for <= size:  # CenterCrop(eval_for) of the resized image starts at (nh - eval_for) // 2
+        top = (nh - eval_for) // 2 - (size - eval_for) // 2
+        left = (nw - eval_for) // 2 - (size - eval_for) // 2
     return np.ascontiguousarray(image[top : top + size, left : left + size])
 
 
-def _pack_rows(images_path: str, start: int, samples: list, size: int, fit: str, interpolation: str) -> list:
+def _pack_rows(
+    images_path: str, start: int, samples: list, size: int, fit: str, interpolation: str, eval_for: int = 0
+) -> list:
     """Decode, resize and write rows start..start+len(samples); returns [(row, reason)] for failures."""
     from tlkit.data.datasets import ImageDataset
     from tlkit.data.io import ImageDecodeError
@@ -97,7 +122,7 @@ def _pack_rows(images_path: str, start: int, samples: list, size: int, fit: str,
     failed = []
     for k in range(len(samples)):
         try:
-            out[start + k] = resize_for_pack(reader.load(k), size, fit, interpolation)
+            out[start + k] = resize_for_pack(reader.load(k), size, fit, interpolation, eval_for)
         except ImageDecodeError as e:
             out[start + k] = 0
             failed.append((start + k, str(e)))
@@ -109,6 +134,145 @@ def _pack_rows(images_path: str, start: int, samples: list, size: int, fit: str,
 def default_pack_dir(name: str, split: str, size: int) -> Path:
     """`$TLKIT_PACKS/<dataset>/<split>-<size>` (default `packs/`, beside `runs/`)."""
     return Path(os.environ.get("TLKIT_PACKS", "packs")) / Path(str(name)).name / f"{split}-{size}"
+
+
+def source_summary(samples: Sequence, root: str | os.PathLike) -> dict:
+    """What a pack is made from: the files (relative to `root`) with their sizes, as one digest, plus the
+    count, total bytes and newest mtime. Stat only, no reading: cheap next to a scan of the folders."""
+    root = Path(root)
+    digest = hashlib.sha256()
+    total, newest = 0, 0
+    for sample in samples:
+        st = Path(sample.path).stat()
+        total, newest = total + st.st_size, max(newest, st.st_mtime_ns)
+        box = "" if getattr(sample, "box", None) is None else ",".join(map(str, sample.box))
+        digest.update(f"{_relative(sample.path, root)}\t{st.st_size}\t{sample.target}\t{box}\n".encode())
+    return {"files": len(samples), "bytes": total, "digest": digest.hexdigest(), "newest_mtime_ns": newest}
+
+
+def check_source(meta: dict, samples: Sequence, root: str | os.PathLike, where: str | os.PathLike) -> None:
+    """PackError (one line) unless the pack in `where` was made from exactly `samples`, unchanged since."""
+    made = meta.get("source") or {}
+    now = source_summary(samples, root)
+    if not made:
+        why = "it records no source (made by an older tlkit)"
+    elif made["files"] != now["files"]:
+        why = f"it holds {made['files']} images, the run's data lists {now['files']}"
+    elif made["digest"] != now["digest"]:
+        why = "the run's data lists other files, sizes or labels"
+    elif now["newest_mtime_ns"] > made["newest_mtime_ns"]:
+        why = "files of the data changed after packing"
+    else:
+        return
+    raise PackError(f"pack {where} is stale: {why}; make it again with `tlkit data pack --data {root} --overwrite`")
+
+
+def write_pack(
+    samples: Sequence,
+    class_ids: list[str],
+    root: str | os.PathLike,
+    out: str | os.PathLike,
+    size: int,
+    *,
+    split: str = "",
+    fit: str = "crop",
+    interpolation: str = "bilinear",
+    roi_crop: bool = False,
+    layout: str = "auto",
+    eval_for: int = 0,
+    workers: int = -1,
+    overwrite: bool = False,
+    chunk: int = 512,
+    on_rows: Callable[[int], None] | None = None,
+) -> dict:
+    """Decode `samples` (`datasets.Sample`s of `root`) once, resize to `size` (see `resize_for_pack`) and
+    write the pack into folder `out`; returns its meta.json content. Unreadable files are counted and get
+    label -1. Written into `<out>.partial`, then renamed: `out` is a whole pack or nothing. `eval_for`: a val
+    pack for evaluation at that size (see `resize_for_pack`).
+    `on_rows(n)` after each finished chunk of n rows (a progress bar). Runs on `workers` processes (-1: all)."""
+    from tlkit.data.datasets import read_class_names
+
+    if fit not in FITS:
+        raise ValueError(f"unknown fit {fit!r}; use one of {', '.join(FITS)}")
+    _resample(interpolation)
+    size, root, out = int(size), Path(root), Path(out)
+    if size < 8:
+        raise ValueError(f"pack size {size} is too small")
+    if (out / "meta.json").exists() and not overwrite:
+        raise PackError(f"{out} already holds a pack; pass --overwrite to replace it")
+    tmp = _partial(out)
+    shutil.rmtree(tmp, ignore_errors=True)  # an interrupted earlier attempt
+    tmp.mkdir(parents=True)
+    n = len(samples)
+    images = tmp / "images.npy"
+    np.lib.format.open_memmap(images, mode="w+", dtype=np.uint8, shape=(n, size, size, 3)).flush()
+    failed = _fill(images, list(samples), size, (fit, interpolation, eval_for), workers, chunk, on_rows)
+    for _, reason in failed:
+        log.warning("skipping unreadable image %s", reason)
+    labels = np.array([s.target for s in samples], dtype=np.int64)
+    labels[[row for row, _ in failed]] = -1
+    np.save(tmp / "labels.npy", labels)
+    (tmp / "files.txt").write_text("".join(_relative(s.path, root) + "\n" for s in samples))
+    meta = {
+        "format": PACK_FORMAT,
+        "version": PACK_VERSION,
+        "dataset": root.name,
+        "split": split,
+        "size": size,
+        "fit": fit,
+        "interpolation": interpolation,
+        "roi_crop": roi_crop,
+        "layout": layout,
+        "eval_for": eval_for,
+        "count": n,
+        "failed": len(failed),
+        "classes": read_class_names(root, class_ids),
+        "class_ids": list(class_ids),
+        "source": source_summary(samples, root),
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    _swap_in(tmp, out)
+    return meta
+
+
+def _partial(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Put the finished pack `tmp` at `out` (replacing an old pack there) with renames only."""
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fill(images: Path, samples: list, size: int, how: tuple, workers: int, chunk: int, on_rows) -> list:
+    """Write every row of the memmap `images`, in chunks over `workers` processes; returns the failures."""
+    n = len(samples)
+    if workers < 0:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    chunk = max(1, min(chunk, math.ceil(n / max(1, 4 * workers))))  # several chunks per worker: a live bar
+    jobs = [(str(images), s, samples[s : s + chunk], size, *how) for s in range(0, n, chunk)]
+    failed: list = []
+    if workers <= 1 or len(jobs) == 1:
+        for job in jobs:
+            failed += _pack_rows(*job)
+            if on_rows:
+                on_rows(len(job[2]))
+        return failed
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        futures = {pool.submit(_pack_rows, *job): len(job[2]) for job in jobs}
+        for future in as_completed(futures):
+            failed += future.result()
+            if on_rows:
+                on_rows(futures[future])
+    return sorted(failed)
 
 
 def pack_split(
@@ -123,28 +287,18 @@ def pack_split(
     max_classes: int = 0,
     max_per_class: int = 0,
     roi_crop: bool = False,
+    layout: str = "auto",
     workers: int = -1,
     overwrite: bool = False,
     chunk: int = 512,
 ) -> dict:
-    """Decode every image of `root/split` once, resize to `size` (see `resize_for_pack`) and write the
-    pack into folder `out`; returns its meta.json content. Unreadable files are counted and get label -1.
-
-    `root` is a dataset folder or a name under the data root; `class_ids` fixes the class order (pack a
-    val split with the train split's ids). Runs on `workers` processes (-1: all cores)."""
-    from tlkit.data.datasets import read_class_names, scan_split
+    """Scan `root/split` (`scan_split`: any layout the datasets read) and `write_pack` it. `root` is a dataset
+    folder or a name under the data root; `class_ids` fixes the class order (pack a val split with the train
+    split's ids). `tlkit data pack` packs a recipe's data the way a run reads it (`data_path.pack_recipe_data`)."""
+    from tlkit.data.datasets import scan_split
     from tlkit.paths import resolve_data
 
-    if fit not in FITS:
-        raise ValueError(f"unknown fit {fit!r}; use one of {', '.join(FITS)}")
-    _resample(interpolation)
-    size = int(size)
-    if size < 8:
-        raise ValueError(f"pack size {size} is too small")
     root = resolve_data(root)
-    out = Path(out)
-    if (out / "meta.json").exists() and not overwrite:
-        raise PackError(f"{out} already holds a pack; pass overwrite=True (--overwrite) to replace it")
     samples, ids = scan_split(
         root,
         split,
@@ -152,54 +306,24 @@ def pack_split(
         max_classes=max_classes,
         max_per_class=max_per_class,
         roi_crop=roi_crop,
+        layout=layout,
         ignore_unknown=bool(class_ids) and max_classes > 0,
     )
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("meta.json", "images.npy", "labels.npy", "files.txt"):
-        (out / name).unlink(missing_ok=True)
-    n = len(samples)
-    partial = out / "images.npy.partial"
-    np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=(n, size, size, 3)).flush()
-
-    if workers < 0:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    chunk = max(1, min(chunk, math.ceil(n / max(1, workers))))
-    jobs = [(str(partial), s, samples[s : s + chunk], size, fit, interpolation) for s in range(0, n, chunk)]
-    failed: list = []
-    if workers <= 1 or len(jobs) == 1:
-        for job in jobs:
-            failed += _pack_rows(*job)
-    else:
-        import multiprocessing as mp
-
-        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
-        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            for result in pool.map(_pack_rows, *zip(*jobs, strict=True)):
-                failed += result
-    for _, reason in failed:
-        log.warning("skipping unreadable image %s", reason)
-
-    labels = np.array([s.target for s in samples], dtype=np.int64)
-    labels[[row for row, _ in failed]] = -1
-    np.save(out / "labels.npy", labels)
-    (out / "files.txt").write_text("".join(_relative(s.path, root) + "\n" for s in samples))
-    os.replace(partial, out / "images.npy")
-    meta = {
-        "format": PACK_FORMAT,
-        "version": PACK_VERSION,
-        "dataset": Path(root).name,
-        "split": split,
-        "size": size,
-        "fit": fit,
-        "interpolation": interpolation,
-        "roi_crop": roi_crop,
-        "count": n,
-        "failed": len(failed),
-        "classes": read_class_names(root, ids),
-        "class_ids": ids,
-    }
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
-    return meta
+    return write_pack(
+        samples,
+        ids,
+        root,
+        out,
+        size,
+        split=split,
+        fit=fit,
+        interpolation=interpolation,
+        roi_crop=roi_crop,
+        layout=layout,
+        workers=workers,
+        overwrite=overwrite,
+        chunk=chunk,
+    )
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -215,7 +339,8 @@ def is_pack(path: str | os.PathLike) -> bool:
 
 def remove_pack(path: str | os.PathLike) -> None:
     path = Path(path)
-    if path.is_dir() and ((path / "meta.json").exists() or (path / "images.npy.partial").exists()):
+    shutil.rmtree(_partial(path), ignore_errors=True)
+    if path.is_dir() and (path / "meta.json").exists():
         shutil.rmtree(path)
 
 
@@ -231,8 +356,8 @@ class PackedDataset(Dataset):
     def __init__(self, path: str | os.PathLike, transform=None, *, seed: int = 0):
         path = Path(path)
         if not is_pack(path):
-            hint = " (unfinished: packing was interrupted)" if (path / "images.npy.partial").exists() else ""
-            raise PackError(f"no pack in {path}{hint}; make one with `tlkit data pack`")
+            hint = " (packing was interrupted: run it again)" if _partial(path).exists() else ""
+            raise PackError(f"no pack in {path}{hint}; make one with `{PACK_HINT}`")
         self.path = path
         self.meta = json.loads((path / "meta.json").read_text())
         if self.meta.get("format") != PACK_FORMAT or self.meta.get("version", 0) > PACK_VERSION:
@@ -282,7 +407,7 @@ class PackedDataset(Dataset):
         if list(class_ids) != self.class_ids:
             raise PackError(
                 f"pack {self.path} was made for other classes ({len(self.class_ids)} vs {len(class_ids)} "
-                "expected, or another order); pack again with the run's class ids"
+                f"expected, or another order); make it again with `{PACK_HINT} --overwrite`"
             )
 
 
@@ -355,11 +480,11 @@ class PackedLoader(_BatchLoader):
                 out = augment_batch(
                     nhwc_to_nchw(images), self.size, train=self.train, generator=self._generator(b), **self.aug
                 )
-                yield out, targets, self.failed_zeros(len(idx))
+                yield out, targets, self.failed_zeros(len(idx), b)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m tlkit.data.packed ROOT SPLIT OUT SIZE`: what `tlkit data pack` will call."""
+    """`python -m tlkit.data.packed ROOT SPLIT OUT SIZE`: one split (`tlkit data pack` packs a recipe's data)."""
     import argparse
     import time
 

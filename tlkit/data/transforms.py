@@ -50,13 +50,21 @@ class Preprocessing:
 
 
 def preprocessing_for(arch: str, data: DataConfig, init: str = "scratch") -> Preprocessing:
-    """Size and crop from the recipe; mean/std/interpolation from the weights: the init checkpoint's
-    own preprocessing when it is a tlkit checkpoint, else the architecture's timm defaults."""
+    """Size, crop and interpolation from the recipe; mean/std from the weights: the init checkpoint's own
+    preprocessing when it is a tlkit checkpoint, the published weights' config, else the architecture's timm
+    defaults."""
     import timm
 
     cfg = timm.models.get_pretrained_cfg(arch)
     mean, std = (cfg.mean, cfg.std) if cfg else (Preprocessing.mean, Preprocessing.std)
-    if init not in ("", "scratch", "none") and str(init).endswith(".pt"):
+    from tlkit.models import is_published, resolve_published
+
+    if is_published(init):
+        # Published weights (timm / hf-hub / torchvision): the mean/std they were trained with. Size, crop and
+        # resampling filter stay the recipe's (it chose them for its data; train and eval transforms share them).
+        carried = resolve_published(init).preprocessing
+        mean, std = tuple(carried.get("mean", mean)), tuple(carried.get("std", std))
+    elif init not in ("", "scratch", "none") and str(init).endswith(".pt"):
         from tlkit.checkpoint import CheckpointError, load_checkpoint
 
         try:

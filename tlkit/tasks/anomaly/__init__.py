@@ -8,7 +8,9 @@ over time, an alert threshold chosen on labelled val clips turns them into alert
 - `post`: smoothing, the alert threshold, alert events;
 - `train`: `tlkit finetune` for an anomaly recipe (fit, threshold on val, checkpoint, report);
 - `val`: scoring labelled clips, the summary metrics and the report (`tlkit evaluate`);
-- `stream`: live scoring for the demo (`Monitor`, `analyze_stream`, `open_source`, `score_live_frame`).
+- `stream`: live scoring for the demo (`Monitor`, `analyze_stream`, `open_source`, `score_live_frame`) and the
+  event rule it shares with `tlkit watch` (`alert_events`);
+- `watch`: `tlkit watch`, the headless camera / stream monitor (imported on use).
 
 Frames, clips and videos are read by `tlkit.data.clips`; generic metrics are in `tlkit.metrics`.
 """
@@ -21,6 +23,7 @@ from tlkit.tasks.anomaly.post import choose_alert_threshold, find_events, smooth
 from tlkit.tasks.anomaly.scorer import PatchCoreScorer, default_feature_layers, load_scorer
 from tlkit.tasks.anomaly.stream import (
     Monitor,
+    alert_events,
     analyze_stream,
     load_monitor,
     open_source,
@@ -33,6 +36,7 @@ __all__ = [
     "TASK",
     "Monitor",
     "PatchCoreScorer",
+    "alert_events",
     "analyze_stream",
     "choose_alert_threshold",
     "default_feature_layers",

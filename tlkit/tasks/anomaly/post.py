@@ -11,24 +11,30 @@ from typing import Any
 
 import numpy as np
 
+from tlkit.config import SMOOTH_METHODS
 from tlkit.data.clips import DEFAULT_FPS
 from tlkit.metrics import choose_threshold, score_events
 
+DEFAULT_SMOOTH = "mean"  # keeps a short real event (a mean over its frames); a median deletes one under half a window
+
 
 def smooth_scores(
-    scores: Sequence[float] | np.ndarray, window: int = 5, method: str = "median", causal: bool = False
+    scores: Sequence[float] | np.ndarray, window: int = 5, method: str = DEFAULT_SMOOTH, causal: bool = False
 ) -> np.ndarray:
-    """Temporal smoothing, same length as the input.
+    """Temporal smoothing, same length as the input: the one rule `evaluate`, the demo and the stream monitor
+    apply before the alert threshold (which is chosen on val with the same rule).
 
-    Anomalies last many frames while feature noise flickers frame to frame, so smoothing raises AUROC
-    and suppresses one-frame false alarms. `causal=True` uses only past frames (for live alerts);
-    otherwise the window is centred. `gaussian` uses sigma = window / 4 over the same support.
+    `mean` (default) averages the window: flicker is damped, yet an event of a few frames keeps its energy, so a
+    cyclist crossing in 3 frames still alerts. `max` holds each score for a window (no event is ever lost,
+    single-frame noise is held too); `median` removes anything shorter than half the window, real or not, and
+    is kept for comparison. `causal=True` uses only past frames (live alerts); otherwise the window is centred.
+    `gaussian` uses sigma = window / 4 over the same support. Edges are padded with the edge value.
     """
     x = np.asarray(scores, dtype=np.float64).ravel()
+    if method not in SMOOTH_METHODS:
+        raise ValueError(f"unknown smoothing method {method!r}: use {', '.join(SMOOTH_METHODS)}")
     if window <= 1 or x.size == 0:
         return x.copy()
-    if method not in ("median", "mean", "gaussian"):
-        raise ValueError(f"unknown smoothing method {method!r}: use median, mean or gaussian")
     before, after = (window - 1, 0) if causal else ((window - 1) // 2, window // 2)
     padded = np.pad(x, (before, after), mode="edge")  # edge padding keeps the ends unbiased
     views = np.lib.stride_tricks.sliding_window_view(padded, window)
@@ -36,9 +42,17 @@ def smooth_scores(
         return np.median(views, axis=1)
     if method == "mean":
         return views.mean(axis=1)
+    if method == "max":
+        return views.max(axis=1)
     t = np.arange(window) - (window - 1 if causal else (window - 1) / 2)
     g = np.exp(-0.5 * (t / (window / 4.0)) ** 2)
     return views @ (g / g.sum())
+
+
+def smoothing_of(anomaly: dict) -> tuple[int, str]:
+    """(window, method) of a checkpoint's `recipe.anomaly` block: what its alert threshold was chosen with.
+    Checkpoints from before `smooth_method` existed were calibrated on a 9-frame median."""
+    return int(anomaly.get("smooth_window", 9)), str(anomaly.get("smooth_method", "median"))
 
 
 def choose_alert_threshold(

@@ -106,6 +106,11 @@ class PatchCoreScorer:
             "k": int(k),
             "blur_sigma": float(blur_sigma),
             "motion_weight": float(motion_weight),
+            # speed: a patch's motion score is its own motion. (bank: its distance to the nearest value in a bank
+            # of normal motion, the first design: on normal frames that is the bank's coverage gap, ~1e-4 with a
+            # spread of ~2e-6 over frames, so dividing by that spread blew compression noise, e.g. an mp4's first
+            # frames, up to 10+ units. Kept so older checkpoints score as they were calibrated.)
+            "motion_score": "speed",
             "seed": int(seed),
             "arch": _model_arch(model),
             "model_fingerprint": _model_fingerprint(model),
@@ -303,6 +308,10 @@ class PatchCoreScorer:
         appearance = self._patch_scores(emb.reshape(-1, d)).reshape(n, h, w)
         if not self.uses_motion or motion is None:
             return appearance, None
+        if self.config.get("motion_score", "bank") == "speed":
+            # How fast the patch moves; the frame score (its fastest patch) is scaled by that maximum's spread
+            # over held-out normal frames, which walkers give a real width.
+            return appearance, motion.reshape(n, h, w)
         if self.motion_bank is None:
             raise RuntimeError("this scorer uses motion but has no motion bank: fit it first")
         moving = self._patch_scores(motion.reshape(-1, 1), bank=self.motion_bank).reshape(n, h, w)
@@ -419,6 +428,7 @@ class PatchCoreScorer:
             seed=cfg["seed"],
             device=device,
         )
+        scorer.config["motion_score"] = cfg.get("motion_score", "bank")  # saved before it existed: bank
         if cfg.get("arch") and scorer.config["arch"] and cfg["arch"] != scorer.config["arch"]:
             raise ValueError(f"state was fitted with {cfg['arch']}, got model {scorer.config['arch']}")
         saved_fp, fp = cfg.get("model_fingerprint"), scorer.config["model_fingerprint"]

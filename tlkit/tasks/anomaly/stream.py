@@ -1,6 +1,7 @@
 """Live scoring: a fitted scorer with the settings its threshold was chosen with (`Monitor`), streaming a video
 or frame uploads through it with periodic snapshots (`analyze_stream`), one webcam frame at a time
-(`score_live_frame`), or a whole video at once (`score_video`). What the surveillance demo runs, without Gradio.
+(`score_live_frame`), or a whole video at once (`score_video`). What the surveillance demo runs, without Gradio;
+`tlkit watch` (`tlkit.tasks.anomaly.watch`) uses the same event rule (`alert_events`) and heat map overlay.
 """
 
 from __future__ import annotations
@@ -16,8 +17,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from tlkit.data.clips import DEFAULT_FPS, iter_frames, load_frame, read_video_frames, to_grey_rgb, video_frame_count
-from tlkit.tasks.anomaly.post import find_events, smooth_scores
+from tlkit.data.clips import (
+    DEFAULT_FPS,
+    LiveStream,
+    iter_frames,
+    load_frame,
+    read_video_frames,
+    to_grey_rgb,
+    video_frame_count,
+)
+from tlkit.tasks.anomaly.post import DEFAULT_SMOOTH, find_events, smooth_scores, smoothing_of
 from tlkit.tasks.anomaly.scorer import PatchCoreScorer, load_scorer
 
 BATCH = 8  # frames scored together while streaming: small, so the first update comes quickly
@@ -35,6 +44,7 @@ class Monitor:
     fps: float
     grayscale: bool
     meta: dict
+    smooth_method: str = DEFAULT_SMOOTH  # with smooth_window: the rule the threshold was chosen with (post.py)
 
 
 def load_monitor(path: str | Path, device: str = "auto") -> Monitor:
@@ -53,7 +63,8 @@ def load_monitor(path: str | Path, device: str = "auto") -> Monitor:
     return Monitor(
         scorer=scorer,
         threshold=None if threshold is None else float(threshold),
-        smooth_window=int(cfg.get("smooth_window", 9)),
+        smooth_window=smoothing_of(cfg)[0],
+        smooth_method=smoothing_of(cfg)[1],
         fps=float(cfg.get("fps", DEFAULT_FPS)),
         grayscale=bool(ckpt.get("preprocessing", {}).get("grayscale", False)),
         meta=strip(ckpt),
@@ -94,12 +105,7 @@ def analyze_stream(
     last_snapshot = -float("inf")
 
     def snapshot(done: bool) -> dict:
-        smoothed = smooth_scores(scores, monitor.smooth_window) if scores else np.zeros(0)
-        events = (
-            find_events(smoothed, monitor.threshold, fps=fps, first_frame=0)
-            if monitor.threshold is not None and scores
-            else []
-        )
+        smoothed, events = alert_events(monitor, scores, fps)
         return {
             "n": len(scores),
             "fps": fps,
@@ -128,6 +134,31 @@ def analyze_stream(
     yield snapshot(True)
 
 
+def alert_events(monitor: Monitor, scores: Iterable[float], fps: float) -> tuple[np.ndarray, list[dict]]:
+    """(smoothed scores, alert events) of a stream's frame scores with the checkpoint's smoothing and threshold:
+    the one rule the demo's snapshots and `tlkit watch` both report. Frame numbers start at 0, times at 0 s."""
+    scores = np.asarray(list(scores) if not isinstance(scores, np.ndarray) else scores, dtype=np.float64)
+    if not scores.size:
+        return np.zeros(0), []
+    smoothed = smooth_scores(scores, monitor.smooth_window, monitor.smooth_method)
+    if monitor.threshold is None:
+        return smoothed, []
+    return smoothed, find_events(smoothed, monitor.threshold, fps=fps, first_frame=0)
+
+
+def heatmap_overlay(monitor: Monitor, frame: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """RGB overlay of the heat map on the frame (red = far from every normal patch, or unusual motion), made
+    from the frame's patch `grid` (`iter_scores(grids=True)`), so the frame is not scored a second time."""
+    import cv2
+
+    m = monitor.scorer.upsample_map(grid, frame.shape[:2])
+    lo = min(float(np.percentile(m, 5)), 0.0)
+    hi = max(float(m.max()), (monitor.threshold or 0.0) + 1e-6, lo + 1e-6)
+    norm = np.clip((m - lo) / (hi - lo), 0, 1)
+    heat = cv2.cvtColor(cv2.applyColorMap(np.uint8(255 * norm), cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)
+    return (0.55 * frame.astype(np.float32) + 0.45 * heat.astype(np.float32)).clip(0, 255).astype(np.uint8)
+
+
 def score_live_frame(
     monitor: Monitor, frame: np.ndarray, history: tuple[list[float], np.ndarray | None] | None
 ) -> tuple[list[float], np.ndarray, bool, tuple[list[float], np.ndarray]]:
@@ -138,16 +169,29 @@ def score_live_frame(
     frame = to_grey_rgb(frame) if monitor.grayscale else frame
     pair = [previous, frame] if previous is not None and previous.shape == frame.shape else [frame]
     scores = (list(scores) + [float(monitor.scorer.score(pair)[-1])])[-LIVE_HISTORY:]
-    smoothed = smooth_scores(scores, monitor.smooth_window, causal=True)
+    smoothed = smooth_scores(scores, monitor.smooth_window, monitor.smooth_method, causal=True)
     alarm = monitor.threshold is not None and bool(smoothed[-1] >= monitor.threshold)
     return scores, smoothed, alarm, (scores, frame)
 
 
-def open_source(video: str | None, files: list | None) -> tuple[Iterator[np.ndarray], float | None, int | None]:
-    """(frame iterator, fps or None if unknown, frame count if known) for an uploaded video or frame files
-    (taken in natural name order); ValueError with a message for the user when nothing usable was given."""
+def open_source(
+    video: str | None, files: list | None, url: str | None = None
+) -> tuple[Iterator[np.ndarray], float | None, int | None]:
+    """(frame iterator, fps or None if unknown, frame count if known) for an uploaded video, frame files (taken
+    in natural name order) or a camera / stream URL (read live: the newest frame each time, `LiveStream`);
+    ValueError with a message for the user when nothing usable was given."""
     from tlkit.data.io import describe_error
 
+    if url and url.strip():
+        stream = LiveStream(url.strip()).start()  # ValueError with one line if it cannot be opened
+
+        def live() -> Iterator[np.ndarray]:
+            try:
+                yield from (f.rgb for f in stream.frames())
+            finally:
+                stream.close()  # also when the consumer stops early (the demo's frame limit)
+
+        return live(), stream.fps, None
     if video:
         name = Path(video).name
         try:
@@ -174,9 +218,16 @@ def _natural_key(path: str) -> tuple:
 
 
 @torch.inference_mode()
-def score_video(scorer: PatchCoreScorer, source: Any, *, smooth_window: int = 9, fps: float = DEFAULT_FPS) -> dict:
+def score_video(
+    scorer: PatchCoreScorer,
+    source: Any,
+    *,
+    smooth_window: int = 5,
+    fps: float = DEFAULT_FPS,
+    smooth_method: str = DEFAULT_SMOOTH,
+) -> dict:
     """Score a video file or frame folder end to end: per-frame scores, smoothed scores and alert events."""
     raw = scorer.score(source)
-    smooth = smooth_scores(raw, smooth_window)
+    smooth = smooth_scores(raw, smooth_window, smooth_method)
     events = find_events(smooth, scorer.threshold, fps=fps) if scorer.threshold is not None else []
     return {"scores": raw.tolist(), "smoothed": smooth.tolist(), "events": events, "threshold": scorer.threshold}

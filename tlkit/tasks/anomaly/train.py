@@ -138,12 +138,13 @@ def _calibrate_on_val(scorer: PatchCoreScorer, recipe: Recipe, cfg: AnomalyConfi
         return None
     val_clips = split_clips(root, recipe.data.val_split)
     batch = recipe.train.batch_size
-    scored = evaluate_clips(scorer, val_clips, smooth_window=cfg.smooth_window, batch_size=batch)
+    smoothing = {"smooth_window": cfg.smooth_window, "smooth_method": cfg.smooth_method}
+    scored = evaluate_clips(scorer, val_clips, batch_size=batch, **smoothing)
     labelled = [c for c in scored["clips"].values() if c["labels"]]
     smoothed = np.concatenate([np.asarray(c["smoothed"]) for c in labelled])
     labels = np.concatenate([np.asarray(c["labels"]) for c in labelled])
     scorer.threshold = choose_alert_threshold(smoothed, labels, method=cfg.threshold_method)
-    return evaluate_clips(scorer, val_clips, smooth_window=cfg.smooth_window, batch_size=batch)
+    return evaluate_clips(scorer, val_clips, batch_size=batch, **smoothing)
 
 
 def _print_next(best: Path, root: Path, run_dir: Path, results: dict | None, threshold: float | None) -> None:

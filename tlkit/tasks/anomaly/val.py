@@ -12,7 +12,7 @@ import numpy as np
 
 from tlkit.data.clips import Clip, load_clips
 from tlkit.metrics import frame_auroc
-from tlkit.tasks.anomaly.post import find_events, smooth_scores
+from tlkit.tasks.anomaly.post import DEFAULT_SMOOTH, find_events, smooth_scores, smoothing_of
 from tlkit.tasks.anomaly.scorer import PatchCoreScorer
 
 
@@ -67,7 +67,7 @@ def evaluate_clips(
     clips: Sequence[Clip],
     smooth_window: int = 5,
     threshold: float | None = None,
-    smooth_method: str = "median",
+    smooth_method: str = DEFAULT_SMOOTH,
     batch_size: int = 16,
     min_length: int = 3,
     merge_gap: int = 5,
@@ -183,6 +183,7 @@ def evaluate_checkpoint(
     scorer = load_scorer(ckpt, device=device)
     cfg = ckpt["recipe"].get("anomaly") or {}
     clips = split_clips(resolve_data(data), split)
-    results = evaluate_clips(scorer, clips, smooth_window=cfg.get("smooth_window", 9), batch_size=batch_size)
+    window, method = smoothing_of(cfg)
+    results = evaluate_clips(scorer, clips, smooth_window=window, smooth_method=method, batch_size=batch_size)
     write_anomaly_report(Path(out), results, ckpt, data=str(data), split=split)
     return summary(results)

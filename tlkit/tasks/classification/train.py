@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tlkit.checkpoint import load_tlkit_checkpoint, save_checkpoint
+from tlkit.checkpoint import disk_full_names, load_tlkit_checkpoint, save_checkpoint
 from tlkit.config import Recipe, replace
 from tlkit.progress import console
-from tlkit.tasks.classification.val import calibrate, checkpoint_logits, write_checkpoint_report
+from tlkit.tasks.classification.val import calibrate, checkpoint_logits, heldout_metrics, write_checkpoint_report
 
 
 def train(recipe: Recipe, *, kind: str = "pretrain", resume: str | Path | None = None, quiet: bool = False) -> Path:
@@ -20,7 +20,8 @@ def train(recipe: Recipe, *, kind: str = "pretrain", resume: str | Path | None =
     result = fit(recipe, kind=kind, resume=resume, quiet=quiet)
     if not result.extras["ctx"].info.is_main:  # other DDP ranks: rank 0 calibrates and reports
         return result.run_dir
-    has_val = post_train(result, recipe, kind, quiet=quiet)
+    with disk_full_names(result.run_dir):  # calibrated best.pt and report/: disk full names the run folder
+        has_val = post_train(result, recipe, kind, quiet=quiet)
     _print_next(result, recipe, kind, has_val)
     return result.run_dir
 
@@ -32,13 +33,19 @@ def post_train(result, recipe: Recipe, kind: str, *, quiet: bool = False) -> boo
     if bundle.val is None or not result.best_path.is_file():
         return False
     ckpt = load_tlkit_checkpoint(result.best_path)
-    logits, targets, _ = checkpoint_logits(ckpt, bundle.root, recipe.data.val_split, quiet=quiet)
+    loader = None
+    if result.extras.get("data_loader", "cpu") != "cpu":  # the run's own eval crop; needs no albumentations
+        from tlkit.data.data_path import eval_loader
+
+        loader = eval_loader(result.extras["data_loader"], bundle.val, recipe, result.extras["ctx"].device)
+    logits, targets, _ = checkpoint_logits(ckpt, bundle.root, recipe.data.val_split, quiet=quiet, loader=loader)
     if kind == "finetune":
         calib = calibrate(ckpt, logits, targets)
         save_checkpoint(ckpt, result.best_path)
         console.print(
             "calibration on val: " + ", ".join(f"{k} {v:.4g}" for k, v in calib.items() if isinstance(v, float))
         )
+        _print_heldout(calib.get("heldout"))
     write_checkpoint_report(
         ckpt,
         logits,
@@ -48,9 +55,26 @@ def post_train(result, recipe: Recipe, kind: str, *, quiet: bool = False) -> boo
         split=recipe.data.val_split,
         title=f"tlkit {kind}: {recipe.name}",
         metrics_jsonl=result.run_dir / "metrics.jsonl",
-        extra={"calibration": ckpt.get("calibration")},
+        # In-sample sensitivity/specificity (threshold fitted on these rows) sit beside the cross-fitted heldout_*.
+        extra={
+            "calibration": ckpt.get("calibration"),
+            **heldout_metrics((ckpt.get("calibration") or {}).get("heldout")),
+        },
     )
     return True
+
+
+def _print_heldout(heldout: dict | None) -> None:
+    """The cross-fitted operating point, the numbers to quote (the in-sample ones are optimistic)."""
+    if not heldout or "chosen" not in heldout:
+        return
+    parts = []
+    for name, point in ((heldout["method"], heldout["chosen"]), ("argmax", heldout["argmax"])):
+        sens, spec = point["sensitivity"], point["specificity"]
+        if sens is not None and spec is not None:
+            parts.append(f"{name}: sensitivity {sens:.3f}, specificity {spec:.3f}")
+    if parts:
+        console.print(f"held-out val ({heldout['folds']}-fold cross-fit) " + "; ".join(parts))
 
 
 def _print_next(result, recipe: Recipe, kind: str, has_val: bool) -> None:

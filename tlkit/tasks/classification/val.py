@@ -49,14 +49,17 @@ def checkpoint_logits(
     batch_size: int = 64,
     device: str = "auto",
     quiet: bool = False,
+    loader=None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """`loader`: batches to use instead of `checkpoint_loader`'s (a run's fast-path eval loader)."""
     from tlkit.models import model_from_checkpoint
 
     dev = resolve_device(device)
     model = model_from_checkpoint(ckpt).to(dev).to(memory_format=torch.channels_last)
     pre = Preprocessing.from_dict(ckpt["preprocessing"])
     ctx = StepContext(dev, *norm_tensors(pre, dev))
-    loader = checkpoint_loader(ckpt, data, split, batch_size)
+    if loader is None:
+        loader = checkpoint_loader(ckpt, data, split, batch_size)
     with Progress(enabled=not quiet) as progress:
         return predict_logits(
             model, loader, ctx, tta_flip=ckpt["recipe"]["train"].get("tta_flip", False), progress=progress
@@ -166,30 +169,110 @@ def write_checkpoint_report(
     return metrics
 
 
+HELDOUT_FOLDS = 2  # cross-fit: each half of val is scored with the temperature/threshold fitted on the other
+
+
+def fit_operating_point(logits: np.ndarray, y: np.ndarray, pos: int | None, ft: dict) -> tuple[float, float | None]:
+    """(temperature, threshold) fitted on `logits`/`y`: temperature scaling (if enabled), then the recipe's
+    threshold rule on the temperature-scaled positive-class probability (None for multi-class tasks).
+    `argmax` keeps 0.5, i.e. the plain argmax decision, whatever the data."""
+    from tlkit.metrics import choose_threshold, fit_temperature, softmax
+
+    temperature = fit_temperature(logits, y) if ft.get("temperature_scaling", True) else 1.0
+    if pos is None:
+        return temperature, None
+    method = ft.get("threshold_method", "youden")
+    if method == "argmax":
+        return temperature, 0.5
+    probs = softmax(logits, temperature=temperature)[:, pos]
+    threshold = choose_threshold(
+        probs, (y == pos).astype(int), method=method, target_sensitivity=ft.get("target_sensitivity", 0.95)
+    )
+    return temperature, threshold
+
+
+def stratified_folds(y: np.ndarray, n_folds: int = HELDOUT_FOLDS, seed: int = 0) -> np.ndarray:
+    """Fold number per row, each class dealt evenly over the folds in a seeded random order."""
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(y), dtype=np.int64)
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        fold[idx] = np.arange(len(idx)) % n_folds
+    return fold
+
+
+def heldout_operating_point(
+    logits: np.ndarray, y: np.ndarray, pos: int | None, ft: dict, n_folds: int = HELDOUT_FOLDS
+) -> dict | None:
+    """Cross-fitted val numbers: each fold is scored with the temperature and threshold fitted on the other
+    folds, so no row is judged by an operating point fitted on itself. In-sample numbers (threshold fitted and
+    scored on the same rows) are optimistic exactly where a threshold is fragile.
+
+    Returns `{"folds", "ece", and for binary tasks "chosen": {...}, "argmax": {...}}` (sensitivity,
+    specificity, accuracy of the recipe's rule and of argmax, both held-out), or None when val is too small
+    (fewer than 2 rows of some class per fold)."""
+    from tlkit.metrics import binary_metrics, expected_calibration_error, softmax
+
+    counts = np.bincount(y)
+    if len(y) < 2 * n_folds or counts[counts > 0].min() < n_folds:
+        return None
+    fold = stratified_folds(y, n_folds)
+    probs = np.empty((len(y), logits.shape[1]), dtype=np.float64)
+    thresholds = np.full(len(y), 0.5)
+    for k in range(n_folds):
+        fit, held = fold != k, fold == k
+        temperature, threshold = fit_operating_point(logits[fit], y[fit], pos, ft)
+        probs[held] = softmax(logits[held], temperature=temperature)
+        if threshold is not None:
+            thresholds[held] = threshold
+    out: dict = {"folds": n_folds, "ece": expected_calibration_error(probs, y)}
+    if pos is not None:
+        is_pos = y == pos
+        keys = ("sensitivity", "specificity", "accuracy")
+        # Each row against its own fold's threshold: the margin p - threshold is positive iff called positive.
+        chosen, _ = binary_metrics(probs[:, pos] - thresholds, is_pos, 0.0)
+        argmax, _ = binary_metrics(probs[:, pos], is_pos, 0.5)
+        out["method"] = ft.get("threshold_method", "youden")
+        out["chosen"] = {k: chosen[k] for k in keys}
+        out["argmax"] = {k: argmax[k] for k in keys}
+    return out
+
+
+def heldout_metrics(heldout: dict | None) -> dict:
+    """The held-out numbers as flat `heldout_*` metrics (val_metrics, metrics.json, the demos)."""
+    if not heldout:
+        return {}
+    flat = {"heldout_ece": heldout["ece"]}
+    for point in ("chosen", "argmax"):
+        for key, value in (heldout.get(point) or {}).items():
+            flat[f"heldout_{key}" if point == "chosen" else f"heldout_argmax_{key}"] = value
+    return flat
+
+
 def calibrate(ckpt: dict, logits: torch.Tensor, targets: torch.Tensor) -> dict:
     """Fit temperature scaling and the binary decision threshold on val logits; store both in `ckpt`.
 
-    The threshold is chosen on temperature-scaled probabilities, so what is stored is consistent
-    with what predict/evaluate/demos compute. Returns the calibration summary (also `ckpt["calibration"]`)."""
-    from tlkit.metrics import choose_threshold, expected_calibration_error, fit_temperature, softmax
+    The stored temperature/threshold are fitted on all of val (the most data); how well that procedure holds
+    on unseen images is measured by cross-fitting (`heldout_operating_point`) and stored as `heldout_*`
+    metrics beside the in-sample ones. The threshold is chosen on temperature-scaled probabilities, so what
+    is stored is consistent with what predict/evaluate/demos compute. Returns the calibration summary (also
+    `ckpt["calibration"]`)."""
+    from tlkit.metrics import expected_calibration_error, softmax
 
     ft = ckpt["recipe"].get("finetune") or {}
-    y = targets.numpy()
-    result = {"ece_before": expected_calibration_error(softmax(logits.numpy()), y)}
-    temperature = fit_temperature(logits.numpy(), y) if ft.get("temperature_scaling", True) else 1.0
-    probs = softmax(logits.numpy(), temperature=temperature)
-    result.update(temperature=temperature, ece_after=expected_calibration_error(probs, y))
+    z, y = logits.numpy().astype(np.float64), targets.numpy()
     pos = positive_index(ckpt)
+    result = {"ece_before": expected_calibration_error(softmax(z), y)}
+    temperature, threshold = fit_operating_point(z, y, pos, ft)
+    result.update(temperature=temperature, ece_after=expected_calibration_error(softmax(z, temperature), y))
     if pos is not None:
-        result["threshold"] = choose_threshold(
-            probs[:, pos],
-            (y == pos).astype(int),
-            method=ft.get("threshold_method", "youden"),
-            target_sensitivity=ft.get("target_sensitivity", 0.95),
-        )
+        result["threshold"] = threshold
+        result["threshold_method"] = ft.get("threshold_method", "youden")
         result["positive_index"] = pos
+    result["heldout"] = heldout_operating_point(z, y, pos, ft)
     ckpt.update({k: result[k] for k in ("temperature", "threshold", "positive_index") if k in result})
     ckpt["calibration"] = result
     val_metrics, _ = metrics_for(ckpt, logits, targets)
+    val_metrics.update(heldout_metrics(result["heldout"]))
     ckpt["val_metrics"] = {k: v for k, v in val_metrics.items() if isinstance(v, int | float | type(None))}
     return result
