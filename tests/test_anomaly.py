@@ -183,8 +183,11 @@ def test_motion_stream_scores_frame_differences(tmp_path) -> None:
     runs = training_clips(load_clips(PED2 / "train"), max_frames=100)
     assert len(runs) == 5 and all(len(r) == 20 for r in runs)
     scorer = PatchCoreScorer(_resnet18(), PREPROCESS, motion_weight=1.0).fit(runs, seed=0)
-    assert scorer.motion_bank is not None and scorer.motion_bank.shape[1] == 1
-    assert scorer.scales[0] > 0 and scorer.scales[1] > 0
+    assert scorer.config["motion_score"] == "speed"
+    # The motion stream is scaled by the spread of a real quantity (how fast the fastest patch moves on normal
+    # frames: 0.0054 grey levels/frame over Ped2 train), not by a ~2e-6 quantisation jitter that turned
+    # compression noise into 10+ units (the first bank-distance design).
+    assert scorer.scales[0] > 0 and scorer.scales[1] > 1e-3, scorer.scales
     test001 = load_clips(PED2 / "val" / "Test001")[0]
     scores = scorer.score(test001.frames)
     auroc = frame_auroc(smooth_scores(scores, 5), test001.labels)
@@ -196,8 +199,17 @@ def test_motion_stream_scores_frame_differences(tmp_path) -> None:
     assert scorer.score(still)[-1] <= scorer.score(moving)[-1]
     path = tmp_path / "motion.pt"
     torch.save(scorer.state_dict(), path)
-    restored = PatchCoreScorer.from_state_dict(torch.load(path, weights_only=True), scorer.model)
+    state = torch.load(path, weights_only=True)
+    restored = PatchCoreScorer.from_state_dict(state, scorer.model)
     np.testing.assert_array_equal(restored.score(test001.frames[:30]), scores[:30])
+    # a state saved before `motion_score` existed keeps scoring with its motion bank, as it was calibrated
+    del state["config"]["motion_score"]
+    assert PatchCoreScorer.from_state_dict(state, scorer.model).config["motion_score"] == "bank"
+    # Stream start-up: sample.mp4 (Test001 frames 46-105, H.264) starts with 1.5 s of normal frames; its first
+    # frames (the first compared with the second, an I-frame with a P-frame) score like the rest of that stretch.
+    start = scorer.score(PED2 / "sample.mp4")[:15]
+    rest = start[3:]
+    assert start[:3].max() < rest.mean() + 3 * rest.std(), start.round(2)
 
 
 def test_state_dict_round_trip_gives_identical_scores(fitted, tmp_path) -> None:
@@ -265,7 +277,7 @@ def test_grayscale_preprocessing_ignores_colour() -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["median", "mean", "gaussian"])
+@pytest.mark.parametrize("method", ["median", "mean", "max", "gaussian"])
 def test_smooth_scores_keeps_length(method: str) -> None:
     x = np.r_[np.zeros(20), np.ones(20)]
     for window in (1, 4, 5, 9):
@@ -275,12 +287,20 @@ def test_smooth_scores_keeps_length(method: str) -> None:
     assert smooth_scores(x, 5, method, causal=True)[:20].max() == 0.0
 
 
-def test_smooth_scores_median_removes_spike() -> None:
-    x = np.zeros(11)
-    x[5] = 10.0
-    assert smooth_scores(x, 5, "median").max() == 0.0
+def test_smoothing_keeps_a_short_event_that_a_median_deletes() -> None:
+    """A 2-frame event (the cyclist crossing the view in 0.2 s) far above a threshold of 3: the default mean
+    and max keep it as an alert, a 9-frame median deletes it."""
+    x = np.zeros(40)
+    x[20:22] = 20.0
+    assert smooth_scores(x, 9, "median").max() == 0.0
+    mean, held = smooth_scores(x, 5), smooth_scores(x, 5, "max")
+    assert mean.max() == pytest.approx(8.0) and held.max() == 20.0
+    for smoothed in (mean, held):
+        (event,) = find_events(smoothed, 3.0, fps=10.0, min_length=3)
+        assert event["start_frame"] <= 21 and event["end_frame"] >= 22
+    assert find_events(smooth_scores(x, 9, "median"), 3.0) == []
     with pytest.raises(ValueError, match="unknown smoothing"):
-        smooth_scores(x, 5, "max")
+        smooth_scores(x, 5, "mode")
 
 
 def test_find_events_step_signal() -> None:

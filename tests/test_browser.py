@@ -7,10 +7,13 @@ the result from the page; screenshots are saved under the test's tmp_path. Run a
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from test_apps import ANOMALY_ONSET_S, SAMPLE_VIDEO, app_servers_for, stop_all
 from test_predict import IMAGENET_WEIGHTS
 
@@ -131,8 +134,34 @@ def test_traffic_signs_page(servers, page, tmp_path: Path) -> None:
     page.screenshot(path=str(tmp_path / "traffic-signs.png"), full_page=True)
 
 
+# Where the cyclist is in sample.mp4, annotated by eye on the frames (360x240): the bicycle and rider enter at
+# the left edge about 1.5 s in and ride right, centre x = 17 px at frame 20 plus ~2 px a frame, y 78-138 px.
+CYCLIST_FIRST_FRAME, CYCLIST_LAST_FRAME = 18, 59
+CYCLIST_SPAN_S = (CYCLIST_FIRST_FRAME / 10, CYCLIST_LAST_FRAME / 10)
+
+
+def cyclist_box(frame: int) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) of the cyclist in frame `frame` (0-based) of sample.mp4, with a margin."""
+    x = round(17 + 2.05 * (frame - 20))
+    return max(0, x - 30), 70, x + 30, 145
+
+
+def heat_inside(overlay: np.ndarray, frame: np.ndarray, box: tuple[int, int, int, int]) -> float:
+    """Share of the overlay's hot colour (red/yellow, where the heat map is high) that lies inside `box`.
+    The frame is grey, so colour in the overlay is the heat map: hot = red channel well above blue."""
+    diff = overlay.astype(np.int32) - (0.55 * frame.astype(np.float32)).astype(np.int32)  # the heat part
+    hot = np.clip(diff[..., 0] - diff[..., 2], 0, None).astype(np.float64)
+    hot[hot < np.percentile(hot, 95)] = 0  # the hottest 5 % of the picture
+    x0, y0, x1, y1 = box
+    return float(hot[y0:y1, x0:x1].sum() / max(hot.sum(), 1e-9))
+
+
 def test_surveillance_page(servers, page, tmp_path: Path) -> None:
+    """sample.mp4 (the cyclist from 1.5 s on): an alert covers the cyclist's time, none comes from stream
+    start-up, and the heat map of the most abnormal frame is hot on the cyclist."""
     from playwright.sync_api import expect
+
+    from tlkit.data.clips import read_video_frames
 
     _open(page, servers["surveillance"].url)
     page.locator("#video-input input[type=file]").set_input_files(str(SAMPLE_VIDEO))
@@ -140,9 +169,22 @@ def test_surveillance_page(servers, page, tmp_path: Path) -> None:
     page.get_by_role("button", name="Analyse").click()
     status = page.locator("#status textarea")
     expect(status).to_have_value(re.compile(r"^Done: 60 frames"))
-    spans = [(float(a), float(b)) for a, b in re.findall(r"(\d+\.\d)-(\d+\.\d) s", status.input_value())]
-    assert any(end >= ANOMALY_ONSET_S for _, end in spans), status.input_value()
+    text = status.input_value()
+    spans = [(float(a), float(b)) for a, b in re.findall(r"(\d+\.\d)-(\d+\.\d) s", text)]
+    assert spans, text
+    assert all(start >= ANOMALY_ONSET_S - 0.5 for start, _ in spans), f"an alert before the cyclist: {text}"
+    assert any(start <= 3.1 <= end for start, end in spans), f"no alert covers the cyclist at 3.1 s: {text}"
     alerts = page.locator("#alerts").inner_text()
     numbers = [float(x) for x in re.findall(r"\d+(?:\.\d+)?", alerts)]
     assert "start (s)" in alerts and spans[0][0] in numbers and spans[0][1] in numbers, alerts
+    # The most abnormal frame and its heat map, as the page shows them.
+    caption = page.get_by_text(re.compile(r"Most abnormal frame: t = \d+\.\d s")).first.inner_text()
+    t = float(re.search(r"t = (\d+\.\d) s", caption).group(1))
+    index = round(t * 10)
+    assert CYCLIST_SPAN_S[0] <= t <= CYCLIST_SPAN_S[1], caption
+    src = page.locator("img[src*='peak_heatmap']").first.get_attribute("src")
+    overlay = np.asarray(Image.open(io.BytesIO(page.request.get(src).body())).convert("RGB"))
+    frames, _ = read_video_frames(SAMPLE_VIDEO)
+    inside = heat_inside(overlay, frames[index], cyclist_box(index))
+    assert inside > 0.5, f"{inside:.2f} of the heat map's hottest 5 % on the cyclist (frame {index})"
     page.screenshot(path=str(tmp_path / "surveillance.png"), full_page=True)
