@@ -379,7 +379,9 @@ def data_pack(
 
 @app.command()
 def watch(
-    source: Annotated[str, typer.Argument(help="Video file, frame folder, camera index (0) or stream URL (rtsp://...).")],
+    source: Annotated[
+        str, typer.Argument(help="Video file, frame folder, camera index (0) or stream URL (rtsp://...).")
+    ],
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="A surveillance (anomaly) checkpoint.")],
     events: Annotated[Path | None, typer.Option("--events", help="Append event JSON lines here (not stdout).")] = None,
     webhook: Annotated[str | None, typer.Option("--webhook", help="POST each event's JSON to this URL.")] = None,
@@ -402,8 +404,10 @@ def list_recipes(
     show: Annotated[
         str | None,
         typer.Option(
-            "--show", metavar="NAME|FILE", autocompletion=_complete_recipes, help="Print this recipe resolved: "
-            "every field, defaults filled in, as a run on this machine would use it.",
+            "--show",
+            metavar="NAME|FILE",
+            autocompletion=_complete_recipes,
+            help="Print this recipe resolved: every field, defaults filled in, as a run on this machine would use it.",
         ),
     ] = None,
     gpu: Annotated[

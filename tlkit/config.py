@@ -180,7 +180,7 @@ class FinetuneConfig(_Checked):
 
     strategy: str = rule("full", choices=STRATEGIES)
     freeze_epochs: int = rule(1, ge=0)  # freeze-unfreeze: epochs with only the head training
-    head_lr_mult: float = rule(5.0, ge=0)  # head LR = recipe LR x this (a new head moves further than the body; 0 = head fixed)
+    head_lr_mult: float = rule(5.0, ge=0)  # head LR = recipe LR x this (0: the head stays fixed)
     layer_decay: float = rule(0.7, gt=0, le=1)  # lr multiplier per body stage, deepest stage first (1 = off)
     threshold_method: str = rule("youden", choices=THRESHOLD_METHODS)  # binary tasks
     target_sensitivity: float = rule(0.95, gt=0, le=1)
