@@ -2,9 +2,11 @@
 
     python examples/transfer_vs_scratch.py --recipe medical --init runs/pretrain-.../best.pt
     python examples/transfer_vs_scratch.py --recipe traffic-signs --epochs 3 --set data.img_size=32
+    python examples/transfer_vs_scratch.py --recipe traffic-signs --published tf_efficientnet_lite0=<weights.pth>
 
-Both runs use the same recipe, data, epochs, seed and strategy `full` (a frozen random body would be an unfair
-baseline); only `model.init` differs. Writes `runs/transfer-vs-scratch-<recipe>.md` with the val metrics of both.
+Every run uses the same recipe, data, epochs, seed and strategy `full` (a frozen random body would be an unfair
+baseline); only `model.init` differs (and, for `--published ARCH=FILE`, the architecture those weights belong to:
+a third row with published ImageNet weights). Writes `runs/transfer-vs-scratch-<recipe>.md` with the val metrics.
 """
 
 from __future__ import annotations
@@ -23,10 +25,15 @@ from tlkit.workflows import run_training
 METRICS = ("top1", "macro_accuracy", "auroc", "sensitivity", "specificity", "ece", "frame_auroc")
 
 
-def compare(recipe: str, init: str, overrides: dict) -> list[dict]:
+def compare(recipe: str, init: str, overrides: dict, published: tuple[str, str] | None = None) -> list[dict]:
+    """One run per init: the own pretrain, scratch, and (given `(arch, weights file)`) published weights."""
+    inits = [("pretrained", init, None), ("scratch", "scratch", None)]
+    if published:
+        inits.append((f"published ({published[0]})", published[1], published[0]))
     rows = []
-    for label, weights in (("pretrained", init), ("scratch", "scratch")):
-        run_over = deep_merge(overrides, {"model": {"init": weights}, "finetune": {"strategy": "full"}})
+    for label, weights, arch in inits:
+        model = {"init": weights, **({"arch": arch} if arch else {})}
+        run_over = deep_merge(overrides, {"model": model, "finetune": {"strategy": "full"}})
         run_dir = run_training(recipe, run_over, kind="finetune", quiet=True)
         metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -52,7 +59,7 @@ def to_markdown(recipe: str, rows: list[dict]) -> str:
     lines = [
         f"# transfer vs scratch: {recipe}",
         "",
-        f"Same budget for both rows: {rows[0]['budget']}.",
+        "Same budget for every row: " + "; ".join(sorted({r["budget"] for r in rows})) + ".",
         "",
         "| init | " + " | ".join(keys) + " | run |",
         "|---|" + "---|" * (len(keys) + 1),
@@ -70,6 +77,9 @@ def main() -> None:
     parser.add_argument("--init", default=None, help="pretrained weights (default: newest pretrain run)")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--set", dest="sets", action="append", default=[], help="recipe overrides key=value")
+    parser.add_argument(
+        "--published", default=None, metavar="ARCH=FILE", help="add a row from published weights, e.g. ImageNet"
+    )
     args = parser.parse_args()
     init = args.init or newest_run(kind="pretrain")
     if init is None:
@@ -77,7 +87,13 @@ def main() -> None:
     overrides = parse_set(args.sets)
     if args.epochs:
         overrides = deep_merge(overrides, {"train": {"epochs": args.epochs}})
-    rows = compare(args.recipe, str(init), overrides)
+    published = None
+    if args.published:
+        arch, sep, weights = args.published.partition("=")
+        if not sep or not arch or not weights:
+            raise SystemExit("error: --published expects ARCH=FILE, e.g. tf_efficientnet_lite0=weights.pth")
+        published = (arch, weights)
+    rows = compare(args.recipe, str(init), overrides, published)
     data_name = overrides.get("data", {}).get("name")
     name = f"{args.recipe}-{data_name}" if data_name else args.recipe
     table = to_markdown(name, rows)

@@ -185,9 +185,9 @@ def test_motion_stream_scores_frame_differences(tmp_path) -> None:
     scorer = PatchCoreScorer(_resnet18(), PREPROCESS, motion_weight=1.0).fit(runs, seed=0)
     assert scorer.config["motion_score"] == "speed"
     # The motion stream is scaled by the spread of a real quantity (how fast the fastest patch moves on normal
-    # frames: 0.0054 grey levels/frame over Ped2 train), not by a ~2e-6 quantisation jitter that turned
-    # compression noise into 10+ units (the first bank-distance design).
-    assert scorer.scales[0] > 0 and scorer.scales[1] > 1e-3, scorer.scales
+    # frames: 0.0054 over all of Ped2 train, 0.0010 on this fit's 10 held-out frames), not by the ~2e-6
+    # quantisation jitter that turned compression noise into 10+ units (the first bank-distance design).
+    assert scorer.scales[0] > 0 and scorer.scales[1] > 2e-4, scorer.scales
     test001 = load_clips(PED2 / "val" / "Test001")[0]
     scores = scorer.score(test001.frames)
     auroc = frame_auroc(smooth_scores(scores, 5), test001.labels)

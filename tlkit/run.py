@@ -160,13 +160,12 @@ def recipe_data(
     from tlkit.data.data_path import fast_run_data, resolve_loader
 
     choice = resolve_loader(recipe.data, device)
-    if info.is_main:
-        from tlkit.progress import console
-
-        console.print(f"data loader: {choice.kind} ({choice.reason})")
     if choice.kind != "cpu":
-        return RunData(*fast_run_data(recipe, choice, info, device, class_ids), loader=choice.kind)
+        data = RunData(*fast_run_data(recipe, choice, info, device, class_ids), loader=choice.kind)
+        _say_loader(choice, info)
+        return data
     bundle = build_datasets(recipe, pre, class_ids=class_ids)
+    _say_loader(choice, info)  # once the data is found: a bad --data gets its error line alone
     common = dict(
         batch_size=recipe.train.batch_size,
         seed=recipe.train.seed,
@@ -177,6 +176,13 @@ def recipe_data(
     train_loader = make_loader(bundle.train, recipe.data, train=True, **common)
     val_loader = make_loader(bundle.val, recipe.data, train=False, **common) if bundle.val else None
     return RunData(bundle, train_loader, val_loader)
+
+
+def _say_loader(choice, info: DistInfo) -> None:
+    if info.is_main:
+        from tlkit.progress import console
+
+        console.print(f"data loader: {choice.kind} ({choice.reason})")
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------
