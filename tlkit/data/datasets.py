@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from tlkit.config import LAYOUTS  # the one list of layouts; the recipe check and the scan read it
 from tlkit.data.clips import load_clips
 from tlkit.data.io import ImageDecodeError, is_image_file, load_rgb_array
 
@@ -43,7 +44,6 @@ class Sample:
 
 
 SPLIT_NAMES = ("train", "val", "test")
-LAYOUTS = ("auto", "clips", "csv")
 CLIP_CLASSES = ["normal", "abnormal"]  # labels.csv 0 / 1
 
 
