@@ -144,7 +144,8 @@ def _calibrate_on_val(scorer: PatchCoreScorer, recipe: Recipe, cfg: AnomalyConfi
     smoothed = np.concatenate([np.asarray(c["smoothed"]) for c in labelled])
     labels = np.concatenate([np.asarray(c["labels"]) for c in labelled])
     scorer.threshold = choose_alert_threshold(smoothed, labels, method=cfg.threshold_method)
-    return evaluate_clips(scorer, val_clips, batch_size=batch, **smoothing)
+    raw = {name: clip["scores"] for name, clip in scored["clips"].items()}  # the threshold does not change them
+    return evaluate_clips(scorer, val_clips, batch_size=batch, scores=raw, **smoothing)
 
 
 def _print_next(best: Path, root: Path, run_dir: Path, results: dict | None, threshold: float | None) -> None:

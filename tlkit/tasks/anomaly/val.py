@@ -4,7 +4,7 @@ goes into metrics.json and the checkpoint, and the report (`tlkit evaluate` on a
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +36,12 @@ def _score_clip(
     batch_size: int,
     min_length: int,
     merge_gap: int,
+    raw: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """One clip's entry of `evaluate_clips`: raw and smoothed scores, events, and AUROC if it has labels."""
-    raw = scorer.score(clip.frames, batch_size=batch_size)
+    """One clip's entry of `evaluate_clips`: raw and smoothed scores, events, and AUROC if it has labels.
+    `raw`: the clip's frame scores if already computed (scored here otherwise)."""
+    if raw is None:
+        raw = scorer.score(clip.frames, batch_size=batch_size)
     smooth = smooth_scores(raw, smooth_window, smooth_method)
     first = clip.frame_numbers[0] if clip.frames else 1
     events = (
@@ -71,11 +74,14 @@ def evaluate_clips(
     batch_size: int = 16,
     min_length: int = 3,
     merge_gap: int = 5,
+    scores: Mapping[str, Sequence[float]] | None = None,
 ) -> dict[str, Any]:
     """Score labelled clips: per-clip scores/AUROC/events and overall frame AUROC, as JSON-able data.
 
     `threshold` defaults to `scorer.threshold`; with neither, no events are reported. AUROC is reported
-    on smoothed scores (`frame_auroc`), on raw scores, and with per-clip min-max normalisation.
+    on smoothed scores (`frame_auroc`), on raw scores, and with per-clip min-max normalisation. `scores`: the
+    clips' raw frame scores by clip name from an earlier call (its `["clips"][name]["scores"]`), so a new
+    threshold is applied without running the backbone over the clips again.
     """
     threshold = scorer.threshold if threshold is None else float(threshold)
     per_clip: dict[str, Any] = {}
@@ -90,6 +96,7 @@ def evaluate_clips(
             batch_size=batch_size,
             min_length=min_length,
             merge_gap=merge_gap,
+            raw=None if scores is None else np.asarray(scores[clip.name], dtype=np.float64),
         )
         if clip.labels is not None:
             all_raw.append(np.asarray(entry["scores"], dtype=np.float64))
