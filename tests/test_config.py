@@ -17,6 +17,7 @@ from tlkit.config import (
     parse_set,
     recipe_from_dict,
     replace,
+    resolved_yaml,
     to_dict,
     to_yaml,
 )
@@ -136,6 +137,47 @@ def test_user_options_beat_the_gpu_block() -> None:
     r = load_recipe("imagenet", {"train": {"epochs": 2}, "data": {"num_workers": 1}}, cuda=True)
     assert r.train.epochs == 2 and r.data.num_workers == 1
     assert r.train.batch_size == 256  # gpu value where the user said nothing
+
+
+def _published_variant(tmp_path: Path) -> Path:
+    path = tmp_path / "signs.yaml"
+    path.write_text(
+        "base: traffic-signs\n"
+        "train:\n  epochs: 4\n"
+        "published:\n  data:\n    img_size: 96\n  train:\n    epochs: 7\n"
+        "gpu:\n  train:\n    epochs: 30\n"
+    )
+    return path
+
+
+def test_published_block_applies_only_to_published_weights(tmp_path: Path, imagenet_weights: Path, trained_run) -> None:
+    """recipe <- published (init = published ImageNet weights) <- gpu <- the user's options."""
+    recipe = str(_published_variant(tmp_path))
+    plain_size = load_recipe("traffic-signs").data.img_size
+
+    def size_epochs(init: str, **kw) -> tuple[int, int]:
+        r = load_recipe(recipe, {"model": {"init": init}}, **kw)
+        return r.data.img_size, r.train.epochs
+
+    for published in ("timm:resnet18.a1_in1k", "hf-hub:timm/resnet18.a1_in1k", str(imagenet_weights)):
+        assert size_epochs(published) == (96, 7), published
+        assert size_epochs(published, cuda=True) == (64, 30)  # the gpu block (traffic-signs: 64 px) lies over it
+    for own in ("scratch", "auto", str(trained_run.best), str(trained_run.run_dir)):  # tlkit's own weights
+        assert size_epochs(own) == (plain_size, 4), own
+    user = load_recipe(recipe, {"model": {"init": str(imagenet_weights)}, "train": {"epochs": 2}})
+    assert (user.data.img_size, user.train.epochs) == (96, 2)
+    first_line = resolved_yaml(recipe, cuda=False).splitlines()[0]
+    assert first_line.endswith("its published: block adds data.img_size=96, train.epochs=7")
+
+
+def test_published_block_is_checked_with_any_init(tmp_path: Path) -> None:
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text("published:\n  data:\n    img_size: 8\n")
+    with pytest.raises(RecipeError, match=r"^in the published: block of typo.yaml: data.img_size=8 is not allowed"):
+        load_recipe(str(recipe), {"model": {"init": "scratch"}})
+    recipe.write_text("published: 64\n")
+    with pytest.raises(RecipeError, match=r"^published=64 in recipe typo.yaml is not allowed"):
+        load_recipe(str(recipe))
 
 
 def test_dict_yaml_round_trip_and_replace() -> None:

@@ -1,7 +1,8 @@
 """Recipes: frozen dataclass configs loaded from YAML.
 
 A recipe file lists only what differs from the defaults below. Loading goes
-defaults <- recipe YAML <- `gpu:` block (when CUDA is present) <- CLI options <- `--set key=value`,
+defaults <- recipe YAML <- `published:` block (when starting from published ImageNet weights) <- `gpu:` block
+(when CUDA is present) <- CLI options <- `--set key=value`,
 and the resolved recipe is written into every run folder.
 """
 
@@ -430,22 +431,50 @@ def recipe_base(name_or_path: str) -> str | None:
 
 
 def load_recipe(name_or_path: str, overrides: dict | None = None, *, cuda: bool = False) -> Recipe:
-    """Load a recipe by name (`recipes/<name>.yaml`) or path, then apply nested `overrides`. Every value is
-    checked here, the `gpu:` block's too on a machine without CUDA: a bad value fails before any work starts."""
+    """Load a recipe by name (`recipes/<name>.yaml`) or path, then apply nested `overrides`.
+
+    Two optional blocks adapt a recipe to where it starts and runs: `published:` is merged when `model.init`
+    names published ImageNet weights (timm:/hf-hub:/torchvision:, or a weights file that is not a tlkit
+    checkpoint) — such features were learnt at ~224 px and a recipe's CPU defaults are sized for tlkit's own
+    low-resolution pretrain — and `gpu:` when CUDA is present. Layering: recipe <- published <- gpu <- the user's
+    options. Every block's values are checked here, even when it does not apply: a bad value fails before work."""
     path = recipe_path(name_or_path)
     raw = _read_recipe(path)
-    gpu = raw.pop("gpu", None) or {}
-    if not isinstance(gpu, dict):
-        raise RecipeError(f"gpu={gpu!r} in recipe {path.name} is not allowed: use a mapping of sections")
+    blocks = {name: raw.pop(name, None) or {} for name in ("published", "gpu")}
     _check_sections(raw, "")
-    _check_sections(gpu, "gpu.")
-    # The gpu block sits between the recipe and the user's options: `--epochs 2` on a CUDA machine is 2.
-    plain = recipe_from_dict(deep_merge(raw, overrides or {}))
-    try:
-        on_gpu = recipe_from_dict(deep_merge(deep_merge(raw, gpu), overrides or {}))
-    except RecipeError as e:
-        raise RecipeError(f"in the gpu: block of {path.name}: {e}") from None
-    return on_gpu if cuda else plain
+    for name, block in blocks.items():
+        if not isinstance(block, dict):
+            raise RecipeError(f"{name}={block!r} in recipe {path.name} is not allowed: use a mapping of sections")
+        _check_sections(block, f"{name}.")
+    overrides = overrides or {}
+    init = (overrides.get("model") or {}).get("init") or (raw.get("model") or {}).get("init") or "scratch"
+    applied = {"published": _starts_from_published_weights(str(init)) if blocks["published"] else False, "gpu": cuda}
+    # Each block is checked on the recipe alone; then the blocks that apply, in order, under the user's options
+    # (`--epochs 2` on a CUDA machine is 2).
+    for name, block in blocks.items():
+        try:
+            recipe_from_dict(deep_merge(deep_merge(raw, block), overrides))
+        except RecipeError as e:
+            raise RecipeError(f"in the {name}: block of {path.name}: {e}") from None
+    merged = raw
+    for name, block in blocks.items():
+        if applied[name]:
+            merged = deep_merge(merged, block)
+    return recipe_from_dict(deep_merge(merged, overrides))
+
+
+def _starts_from_published_weights(init: str) -> bool:
+    """True for published ImageNet weights (what the `published:` block is for); False for scratch, `auto` (the
+    newest `tlkit pretrain` run) and tlkit checkpoints. A file is opened (memory-mapped) only to tell a tlkit
+    checkpoint from a plain weights file."""
+    from tlkit.models import is_published, is_tlkit_checkpoint  # torch: only when a recipe has the block
+
+    if init in ("", "scratch", "none", "auto"):
+        return False
+    if is_published(init):
+        return True
+    path = Path(init).expanduser()
+    return path.is_file() and not is_tlkit_checkpoint(path)
 
 
 def resolved_yaml(name_or_path: str, *, cuda: bool) -> str:
@@ -453,7 +482,21 @@ def resolved_yaml(name_or_path: str, *, cuda: bool) -> str:
     naming the file it came from."""
     recipe = load_recipe(name_or_path, cuda=cuda)
     block = "with" if cuda else "without"
-    return f"# {recipe_path(name_or_path)}, {block} its gpu: block\n{to_yaml(recipe)}"
+    raw = _read_recipe(recipe_path(name_or_path))
+    published = raw.get("published") if isinstance(raw.get("published"), dict) else {}
+    note = f"; with published weights its published: block adds {_flat(published)}" if published else ""
+    return f"# {recipe_path(name_or_path)}, {block} its gpu: block{note}\n{to_yaml(recipe)}"
+
+
+def _flat(block: dict, prefix: str = "") -> str:
+    """`{"data": {"img_size": 64}}` -> `data.img_size=64` (the --set spelling)."""
+    items = []
+    for key, value in block.items():
+        if isinstance(value, dict):
+            items.append(_flat(value, f"{prefix}{key}."))
+        else:
+            items.append(f"{prefix}{key}={value}")
+    return ", ".join(items)
 
 
 def to_dict(recipe: Recipe) -> dict:

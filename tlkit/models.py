@@ -85,6 +85,18 @@ def head_parameter_names(model: nn.Module) -> set[str]:
     return {n for n, _ in model.named_parameters() if n.startswith(prefix)}
 
 
+def is_tlkit_checkpoint(path: Path) -> bool:
+    """A checkpoint written by tlkit (its own pretrain or fine-tune), as opposed to a plain weights file; read
+    memory-mapped, so only the small metadata is touched. An unreadable file is not one (loading says why later)."""
+    if Path(path).suffix == ".safetensors":
+        return False
+    try:
+        obj = load_checkpoint(path, mmap=True)
+    except CheckpointError:
+        return False
+    return isinstance(obj, dict) and obj.get("format") == "tlkit"
+
+
 def read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(state_dict, tlkit metadata or {}) from a tlkit checkpoint or a plain weights file."""
     path = Path(path)
