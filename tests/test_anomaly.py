@@ -176,17 +176,17 @@ def test_scorer_separates_cyclist_frames(fitted) -> None:
 
 
 @needs_data
-def test_motion_stream_scores_frame_differences(tmp_path) -> None:
+def test_motion_stream_scores_flow_speed(tmp_path) -> None:
     # Runs of consecutive training frames, so every frame but a run's first has a real predecessor.
     from tlkit.tasks.anomaly.train import training_clips
 
     runs = training_clips(load_clips(PED2 / "train"), max_frames=100)
     assert len(runs) == 5 and all(len(r) == 20 for r in runs)
     scorer = PatchCoreScorer(_resnet18(), PREPROCESS, motion_weight=1.0).fit(runs, seed=0)
-    assert scorer.config["motion_score"] == "speed"
-    # The motion stream is scaled by the spread of a real quantity (how fast the fastest patch moves on normal
-    # frames: 0.0054 over all of Ped2 train, 0.0010 on this fit's 10 held-out frames), not by the ~2e-6
-    # quantisation jitter that turned compression noise into 10+ units (the first bank-distance design).
+    assert scorer.config["motion_score"] == "flow"
+    # The motion stream is scaled by the spread of a real quantity (optical-flow speed of the fastest patch on
+    # normal frames, ~0.055 px per frame on this fit's held-out frames), not by the ~2e-6 quantisation jitter
+    # that turned compression noise into 10+ units (the first bank-distance design).
     assert scorer.scales[0] > 0 and scorer.scales[1] > 2e-4, scorer.scales
     test001 = load_clips(PED2 / "val" / "Test001")[0]
     scores = scorer.score(test001.frames)

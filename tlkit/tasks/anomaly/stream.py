@@ -164,7 +164,7 @@ def score_live_frame(
 ) -> tuple[list[float], np.ndarray, bool, tuple[list[float], np.ndarray]]:
     """One webcam frame: (scores so far, their causal smoothing, alert now?, the history to pass next time).
 
-    The previous frame is scored with it, so the motion stream sees a real frame difference."""
+    The previous frame is scored with it, so the motion stream measures real motion between two frames."""
     scores, previous = history or ([], None)
     frame = to_grey_rgb(frame) if monitor.grayscale else frame
     pair = [previous, frame] if previous is not None and previous.shape == frame.shape else [frame]
