@@ -257,14 +257,16 @@ def calibrate(ckpt: dict, logits: torch.Tensor, targets: torch.Tensor) -> dict:
     metrics beside the in-sample ones. The threshold is chosen on temperature-scaled probabilities, so what
     is stored is consistent with what predict/evaluate/demos compute. Returns the calibration summary (also
     `ckpt["calibration"]`)."""
-    from tlkit.metrics import expected_calibration_error, softmax
+    from tlkit.metrics import expected_calibration_error, nll, softmax
 
     ft = ckpt["recipe"].get("finetune") or {}
     z, y = logits.numpy().astype(np.float64), targets.numpy()
     pos = positive_index(ckpt)
-    result = {"ece_before": expected_calibration_error(softmax(z), y)}
+    result = {"ece_before": expected_calibration_error(softmax(z), y), "nll_before": nll(softmax(z), y)}
     temperature, threshold = fit_operating_point(z, y, pos, ft)
-    result.update(temperature=temperature, ece_after=expected_calibration_error(softmax(z, temperature), y))
+    # The temperature minimises val NLL (never above T=1's); ECE is binned and may move a little either way.
+    after = softmax(z, temperature)
+    result.update(temperature=temperature, ece_after=expected_calibration_error(after, y), nll_after=nll(after, y))
     if pos is not None:
         result["threshold"] = threshold
         result["threshold_method"] = ft.get("threshold_method", "youden")
