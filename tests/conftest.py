@@ -64,6 +64,30 @@ def subprocess_env(runs: Path) -> dict[str, str]:
 
 PYTHON = sys.executable
 
+# `python -c WARM_TLKIT GO ARGS...`: a child that pays its interpreter start-up (the imports of a tlkit run:
+# seconds on a small CPU) while the test does other work, then runs `tlkit ARGS` (tlkit.cli.main, as
+# `python -m tlkit ARGS` does) once the file GO exists. It exits (code 3) without running anything if the test
+# process goes away first.
+WARM_TLKIT = """
+import os, sys, time
+from pathlib import Path
+go, parent, args = Path(sys.argv[1]), os.getppid(), sys.argv[2:]
+from tlkit.paths import set_offline_env
+set_offline_env()
+import tlkit.cli, tlkit.engine, tlkit.tasks.classification.train  # what a run imports before it trains
+while not go.exists():
+    if os.getppid() != parent:
+        sys.exit(3)
+    time.sleep(0.01)
+sys.argv = ["tlkit", *args]
+tlkit.cli.main()
+"""
+
+
+def warm_tlkit_cmd(go: Path, args: list[str]) -> list[str]:
+    """The command line of a warm `tlkit ARGS` child that starts its run once `go` exists (see WARM_TLKIT)."""
+    return [PYTHON, "-c", WARM_TLKIT, str(go), *args]
+
 
 # ---- CI: a skipped data or browser test is a failure, not a quiet pass ---------------------------------------
 

@@ -132,7 +132,7 @@ def wait_ready(server: AppServer, timeout: float = 240) -> AppServer:
                     return server
         except OSError:
             pass
-        time.sleep(1)
+        time.sleep(0.25)
     pytest.fail(f"{server.name} app not ready after {timeout:.0f} s:\n{server.log_tail()}")
 
 

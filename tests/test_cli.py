@@ -321,7 +321,8 @@ def test_recipes_show_prints_the_resolved_recipe(tmp_path: Path) -> None:
     assert shown["data"]["roi_crop"] is True and shown["data"]["interpolation"] == "bilinear"
     assert result.stdout.startswith("# ") and "traffic-signs.yaml, without its gpu: block" in result.stdout
     on_gpu = yaml.safe_load(runner.invoke(app, ["recipes", "--show", "traffic-signs", "--gpu"]).stdout)
-    assert (on_gpu["train"]["epochs"], shown["train"]["epochs"]) == (30, 6)
+    assert (on_gpu["train"]["epochs"], shown["train"]["epochs"]) == (30, 10)
+    assert "with published weights its published: block adds train.epochs=5" in result.stdout.splitlines()[0]
     # a recipe can be a path to a YAML file, here and wherever --recipe is taken
     mine = tmp_path / "mine.yaml"
     mine.write_text("description: mine\ndata:\n  name: gtsrb\n  img_size: 32\n")

@@ -47,6 +47,7 @@ SETS = [
     # the logged LR is then the scaled LR (x the group's multiplier) itself, and a 1-epoch run's epoch 1 is A's
     "optim.schedule=constant",
     "finetune.head_lr_mult=0",
+    "finetune.layer_decay=0.8",  # discriminative LRs (the recipe trains every layer at one LR): stages differ
     "optim.ema_decay=0.5",
 ]
 TIMEOUT = 600

@@ -393,38 +393,45 @@ def test_pack_a_csv_listed_dataset(tmp_path):
 
 @pytest.mark.slow
 def test_packed_run_resumes_exactly_after_kill_9_mid_epoch(sliced, tmp_path):
-    """B is SIGKILLed as soon as its first mid-epoch checkpoint exists, then resumed; A runs through. Both on
-    the packed path with progressive resizing (24 px in epoch 1, 32 in epoch 2): rows and weights equal A's."""
+    """B (`tlkit pretrain` in a child process) is SIGKILLed as soon as its first mid-epoch checkpoint exists, then
+    resumed; A runs through. Both on the packed path with progressive resizing (24 px in epoch 1, 32 in epoch 2):
+    rows and weights equal A's. A and the resume need no kill: they run in this process (CliRunner, one thread as
+    in the child, so bit-for-bit comparable), A while B's interpreter starts (conftest.WARM_TLKIT)."""
     import os
     import signal
     import subprocess
-    import sys
     import time
 
-    from tlkit.paths import REPO_DIR
+    from conftest import subprocess_env, warm_tlkit_cmd
 
     base, _ = sliced
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TLKIT_RUNS": str(tmp_path / "runs")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_DIR), os.environ.get("PYTHONPATH", "")) if p)
     extra = ["train.save_every_steps=2", "train.progressive_min_size=24"]
 
-    def launch(name: str, *more: str) -> subprocess.Popen:
-        cmd = [sys.executable, "-m", "tlkit", "pretrain", *_pretrain_args(base, tmp_path / name, 2, extra), *more]
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    def args(name: str, *more: str) -> list[str]:
+        return ["pretrain", *_pretrain_args(base, tmp_path / name, 2, extra), *more]
 
-    a, b = launch("A"), launch("B")
-    deadline = time.monotonic() + 120
-    while not (tmp_path / "B" / "last.pt").exists():  # the first save: step 2 of 10 in epoch 1
-        assert b.poll() is None and time.monotonic() < deadline, b.stderr.read() if b.stderr else ""
-        time.sleep(0.005)
-    os.kill(b.pid, signal.SIGKILL)
-    b.wait()
+    go, log = tmp_path / "go", tmp_path / "B.log"
+    with log.open("w") as out:
+        cmd = warm_tlkit_cmd(go, args("B"))
+        b = subprocess.Popen(cmd, env=subprocess_env(tmp_path / "runs"), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        result = _cli(args("A"))  # while B imports
+        assert result.exit_code == 0, result.output[-2000:]
+        go.touch()
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "B" / "last.pt").exists():  # the first save: step 2 of 10 in epoch 1
+            assert b.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.005)
+        os.kill(b.pid, signal.SIGKILL)
+        b.wait(timeout=30)
+    finally:
+        if b.poll() is None:
+            b.kill()
+    assert b.returncode == -signal.SIGKILL, log.read_text()[-2000:]
     killed = torch.load(tmp_path / "B" / "last.pt", map_location="cpu", weights_only=True)
     assert killed["step_in_epoch"] > 0, (killed["epoch"], killed["step_in_epoch"])  # killed mid-epoch
-    resumed = launch("B", "--resume", str(tmp_path / "B"))
-    for proc in (a, resumed):
-        _, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err[-2000:]
+    result = _cli(args("B", "--resume", str(tmp_path / "B")))
+    assert result.exit_code == 0, result.output[-2000:]
     rows = {n: [json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in "AB"}
     assert [r["epoch"] for r in rows["B"]] == [1, 2]
     for ra, rb in zip(rows["A"], rows["B"], strict=True):
@@ -454,6 +461,10 @@ def test_run_gpu_script_smoke_e2e_stage(tmp_path):
         "OUT": str(out),
         "TLKIT_PACKS": str(tmp_path / "packs"),
         "PYTHON": sys.executable,
+        # one torch thread per child, as every other test's children: on a small CPU shared with other jobs the
+        # default thread pool spins against them (measured 5 img/s instead of ~110 for resnet10t @32 on 2 cores)
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
     }
     script = REPO_DIR / "benchmarks" / "run_gpu.sh"
     subprocess.run(["bash", str(script), "e2e"], env=env, capture_output=True, timeout=600)

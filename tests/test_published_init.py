@@ -177,9 +177,13 @@ RECIPE_SLICES = {
     # for its AUROC to mean anything: as a linear probe it must keep the ImageNet body bit for bit instead.
     "imagenet": ("pretrain", {"data": {"max_per_class": 10, "img_size": 64}, "train": {"epochs": 2}}, "top1", 0.4),
     "medical": ("finetune", {"data": {"max_per_class": 16, "img_size": 64}, "train": {"epochs": 2}}, "auroc", 0.75),
-    "surveillance-supervised": (
+    "surveillance-supervised": (  # 2 epochs, not the recipe's 4: past its freeze_epochs (1), a probe stays frozen
         "finetune",
-        {"data": {"img_size": 64, "val_clips": ["Test007"]}, "finetune": {"strategy": "linear-probe"}},
+        {
+            "data": {"img_size": 64, "val_clips": ["Test007"]},
+            "train": {"epochs": 2},
+            "finetune": {"strategy": "linear-probe"},
+        },
         None,
         0.0,
     ),

@@ -84,15 +84,19 @@ def medical_run(tmp_path_factory, data_dir):
 
 def test_medical_finetune_beats_chance_and_stores_calibration(medical_run):
     metrics = json.loads((medical_run / "report" / "metrics.json").read_text())
-    # Threshold-free ranking quality (a constant classifier has 0.5): measured 0.892 with seed 0 on one thread
-    # (2-core CPU); 0.83 leaves room for other CPUs' float rounding, and fails if training does nothing.
+    # Threshold-free ranking quality (a constant classifier has 0.5): measured 0.930 with seed 0 on one thread
+    # (2-core CPU; 0.892 with the recipe's former lr 0.1); 0.83 leaves room for other CPUs' float rounding, and fails if training does nothing.
     assert metrics["auroc"] > 0.83, metrics["auroc"]
     for key in ("sensitivity", "specificity", "ppv", "npv", "pr_auc", "confusion_matrix", "ece"):
         assert key in metrics
     ckpt = torch.load(medical_run / "best.pt", weights_only=True)
     assert ckpt["classes"] == ["NORMAL", "PNEUMONIA"] and ckpt["positive_index"] == 1
     assert 0.0 < ckpt["threshold"] < 1.0 and ckpt["temperature"] > 0
-    assert ckpt["calibration"]["ece_after"] <= ckpt["calibration"]["ece_before"] + 1e-6
+    # Temperature scaling minimises val NLL, so it never ends above T=1's; binned ECE may move either way (with
+    # resnet10t here it rose 0.0707 -> 0.0716).
+    calibration = ckpt["calibration"]
+    assert calibration["nll_after"] <= calibration["nll_before"] + 1e-9
+    assert {"ece_before", "ece_after", "temperature"} <= set(calibration)
     assert ckpt["preprocessing"]["grayscale"] is True
     for png in ("confusion_matrix.png", "roc.png", "pr.png", "training_curves.png"):
         assert (medical_run / "report" / png).stat().st_size > 1000, png

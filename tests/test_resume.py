@@ -1,12 +1,17 @@
 """Kill -9 and resume: a resumed run must end exactly where an uninterrupted one ends.
 
-Five processes start together on the same tiny subset and seed. Three `python -m tlkit pretrain`:
-A runs 3 epochs uninterrupted; B is SIGKILLed as soon as metrics.jsonl has its epoch-1 row (so in
-epoch 2, resuming from the epoch-1 checkpoint); C saves every 3 steps (`train.save_every_steps`) and is
-SIGKILLed right after its first mid-epoch save in epoch 2 (resuming mid-epoch). Two `python -m tlkit finetune`
-with `freeze-unfreeze` (body frozen in epoch 1 only) and an EMA of the weights (validation uses the EMA):
-D uninterrupted, E SIGKILLed like B, so its resumed part starts at the unfreeze. B, C and E are then resumed
-with `--resume <run dir>`; their metrics rows and final weights must equal A's (D's for E).
+Three `tlkit` child processes run on the same tiny subset and seed, each to be SIGKILLed: B (`pretrain`) as soon as
+metrics.jsonl has its epoch-1 row (so in epoch 2, resuming from the epoch-1 checkpoint); C (`pretrain`, saving
+every 3 steps: `train.save_every_steps`) right after its first mid-epoch save in epoch 2 (resuming mid-epoch); E
+(`finetune` with `freeze-unfreeze`, body frozen in epoch 1 only, and an EMA of the weights that validation uses)
+like B, so its resumed part starts at the unfreeze. B, C and E are then resumed with `--resume <run dir>`. The
+uninterrupted references are A (`pretrain`, 3 epochs) and D (the same fine-tune as E). B's, C's and E's metrics
+rows and final weights must equal A's (D's for E).
+
+A, D and the three resumes need no kill: they run in this process through the CLI (CliRunner), on one thread as
+the children do, so results are bit-for-bit comparable across processes (test_faults relies on this too). A and
+D train while the children import (conftest.WARM_TLKIT: `tlkit.cli.main` once a go file exists), so on two cores
+the children's interpreter start-ups overlap the references' training.
 """
 
 from __future__ import annotations
@@ -14,14 +19,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import warm_tlkit_cmd
+from typer.testing import CliRunner
 
+from tlkit.cli import app
 from tlkit.paths import REPO_DIR
 
 pytestmark = pytest.mark.slow
@@ -54,14 +61,6 @@ class Proc:
     popen: subprocess.Popen
     log: Path
 
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
-            pytest.fail(f"run {self.name} timed out\n{self.tail()}")
-
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
 
@@ -77,16 +76,30 @@ def _env(runs: Path) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TLKIT_RUNS": str(runs), "PYTHONPATH": path}
 
 
-def _launch(base: Path, name: str, extra_sets: list[str] = (), resume: bool = False, command=PRETRAIN) -> Proc:
-    """`command`: the subcommand and its own options (pretrain: `--epochs EPOCHS`)."""
+def _launch(base: Path, name: str, extra_sets: list[str] = (), command=PRETRAIN) -> Proc:
+    """A warm `tlkit` child, to be killed: it imports now and starts its run once `base/go` exists; `command`:
+    the subcommand and its own options (pretrain: `--epochs EPOCHS`)."""
     run_dir = base / name
-    cmd = [sys.executable, "-m", "tlkit", *command, *ARGS, "--out", str(run_dir), *_set_args([*SETS, *extra_sets])]
-    if resume:
-        cmd += ["--resume", str(run_dir)]
-    log = base / f"{name}{'-resume' if resume else ''}.log"
+    cmd = warm_tlkit_cmd(base / "go", [*command, *ARGS, "--out", str(run_dir), *_set_args([*SETS, *extra_sets])])
+    log = base / f"{name}.log"
     with log.open("w") as f:
         popen = subprocess.Popen(cmd, cwd=base, env=_env(base / "runs"), stdout=f, stderr=subprocess.STDOUT)
     return Proc(name, run_dir, popen, log)
+
+
+def _run_here(base: Path, name: str, extra_sets: list[str] = (), resume: bool = False, command=PRETRAIN) -> Path:
+    """The same command line as `_launch`, run to the end in this process (CliRunner); returns its log."""
+    run_dir = base / name
+    args = [*command, *ARGS, "--out", str(run_dir), *_set_args([*SETS, *extra_sets])]
+    if resume:
+        args += ["--resume", str(run_dir)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TLKIT_RUNS", str(base / "runs"))
+        result = CliRunner().invoke(app, args)
+    log = base / f"{name}{'-resume' if resume else ''}.log"
+    log.write_text(result.output)
+    assert result.exit_code == 0, f"run {name} failed (exit {result.exit_code})\n{result.output[-3000:]}"
+    return log
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -106,16 +119,18 @@ def _inode(path: Path) -> int | None:
 @pytest.fixture(scope="module")
 def runs(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     base = tmp_path_factory.mktemp("resume")
-    a = _launch(base, "A", [f"train.save_every_steps={SAVE_EVERY}"])  # saving changes nothing in training
     b = _launch(base, "B")
     c = _launch(base, "C", [f"train.save_every_steps={SAVE_EVERY}"])
-    d = _launch(base, "D", FT_SETS, command=FINETUNE)
     e = _launch(base, "E", FT_SETS, command=FINETUNE)
-    procs = [a, b, c, d, e]
+    procs = [b, c, e]
     killed: dict[str, dict] = {}
     c_epoch1_inode = None
     deadline = time.monotonic() + TIMEOUT
     try:
+        # the uninterrupted references, here, while the children import
+        _run_here(base, "A", [f"train.save_every_steps={SAVE_EVERY}"])  # saving changes nothing in training
+        _run_here(base, "D", FT_SETS, command=FINETUNE)
+        (base / "go").touch()  # B, C and E start their runs
         while len(killed) < 3:
             if time.monotonic() > deadline:
                 pytest.fail(f"B/C/E never reached epoch 2\n{b.tail()}\n{c.tail()}\n{e.tail()}")
@@ -140,25 +155,21 @@ def runs(tiny_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
             ckpt = torch.load(proc.run_dir / "last.pt", map_location="cpu", weights_only=True)
             killed[proc.name].update(epoch=ckpt["epoch"], step=ckpt["step_in_epoch"], partial=ckpt.get("partial"))
             killed[proc.name]["model"] = ckpt["model"]  # the state the resumed run starts from
-        b2 = _launch(base, "B", resume=True)
-        c2 = _launch(base, "C", resume=True)
-        e2 = _launch(base, "E", resume=True, command=[FINETUNE[0], *FINETUNE[-2:]])  # no --recipe: the run has one
-        procs += [b2, c2, e2]
-        for proc in (a, b2, c2, d, e2):
-            rc = proc.wait(timeout=max(60.0, deadline - time.monotonic()))
-            assert rc == 0, f"run {proc.name} failed (rc {rc})\n{proc.tail()}"
     finally:
         for proc in procs:
             if proc.popen.poll() is None:
                 proc.popen.kill()
+    _run_here(base, "B", resume=True)
+    _run_here(base, "C", resume=True)
+    e_resumed_log = _run_here(base, "E", resume=True, command=[FINETUNE[0], *FINETUNE[-2:]])  # the run has a recipe
     return {
-        "A": a.run_dir,
+        "A": base / "A",
         "B": b.run_dir,
         "C": c.run_dir,
-        "D": d.run_dir,
+        "D": base / "D",
         "E": e.run_dir,
         "killed": killed,
-        "E_resumed_log": e2.log,
+        "E_resumed_log": e_resumed_log,
     }
 
 
