@@ -85,7 +85,8 @@ def medical_run(tmp_path_factory, data_dir):
 def test_medical_finetune_beats_chance_and_stores_calibration(medical_run):
     metrics = json.loads((medical_run / "report" / "metrics.json").read_text())
     # Threshold-free ranking quality (a constant classifier has 0.5): measured 0.930 with seed 0 on one thread
-    # (2-core CPU; 0.892 with the recipe's former lr 0.1); 0.83 leaves room for other CPUs' float rounding, and fails if training does nothing.
+    # (2-core CPU; 0.892 with the recipe's former lr 0.1); 0.83 leaves room for other CPUs' float rounding, and
+    # fails if training does nothing.
     assert metrics["auroc"] > 0.83, metrics["auroc"]
     for key in ("sensitivity", "specificity", "ppv", "npv", "pr_auc", "confusion_matrix", "ece"):
         assert key in metrics
