@@ -467,9 +467,9 @@ def _starts_from_published_weights(init: str) -> bool:
     """True for published ImageNet weights (what the `published:` block is for); False for scratch, `auto` (the
     newest `tlkit pretrain` run) and tlkit checkpoints. A file is opened (memory-mapped) only to tell a tlkit
     checkpoint from a plain weights file."""
-    from tlkit.models import is_published, is_tlkit_checkpoint  # torch: only when a recipe has the block
+    from tlkit.models import is_published, is_scratch, is_tlkit_checkpoint  # torch: only when a recipe has the block
 
-    if init in ("", "scratch", "none", "auto"):
+    if init == "auto" or is_scratch(init):
         return False
     if is_published(init):
         return True

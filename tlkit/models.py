@@ -24,11 +24,12 @@ import timm
 import torch
 from torch import nn
 
-from tlkit.checkpoint import CheckpointError, load_checkpoint
+from tlkit.checkpoint import FORMAT, CheckpointError, load_checkpoint
 
 log = logging.getLogger("tlkit.models")
 
 PUBLISHED_PREFIXES = ("timm:", "hf-hub:", "torchvision:")
+SCRATCH_INITS = ("", "scratch", "none")
 
 
 def _fixed_size_kwargs(arch: str, img_size: int | None) -> dict:
@@ -94,7 +95,7 @@ def is_tlkit_checkpoint(path: Path) -> bool:
         obj = load_checkpoint(path, mmap=True)
     except CheckpointError:
         return False
-    return isinstance(obj, dict) and obj.get("format") == "tlkit"
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
 
 
 def read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -108,7 +109,7 @@ def read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
         return load_file(str(path)), {}
     obj = load_checkpoint(path)
-    if isinstance(obj, dict) and obj.get("format") == "tlkit":
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
         state = obj.get("ema") or obj["model"]
         return state, obj
     if isinstance(obj, dict):
@@ -175,6 +176,11 @@ def load_body(
 
 def is_published(init: str) -> bool:
     return str(init).startswith(PUBLISHED_PREFIXES)
+
+
+def is_scratch(init: str) -> bool:
+    """`model.init` values that mean random weights."""
+    return init in SCRATCH_INITS
 
 
 @dataclass(frozen=True)
@@ -381,7 +387,7 @@ def build_model(arch: str, num_classes: int, init: str = "scratch", **kwargs) ->
         model, info = load_published(arch, num_classes, init, **kwargs)
     else:
         model = create_model(arch, num_classes, **kwargs)
-        if init in ("", "scratch", "none"):
+        if is_scratch(init):
             return model, {"init": "scratch"}
         state, meta = read_weights_file(Path(init))
         info = load_body(model, state, source=Path(init).name, arch=meta.get("arch"))

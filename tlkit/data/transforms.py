@@ -57,14 +57,14 @@ def preprocessing_for(arch: str, data: DataConfig, init: str = "scratch") -> Pre
 
     cfg = timm.models.get_pretrained_cfg(arch)
     mean, std = (cfg.mean, cfg.std) if cfg else (Preprocessing.mean, Preprocessing.std)
-    from tlkit.models import is_published, resolve_published
+    from tlkit.models import is_published, is_scratch, resolve_published
 
     if is_published(init):
         # Published weights (timm / hf-hub / torchvision): the mean/std they were trained with. Size, crop and
         # resampling filter stay the recipe's (it chose them for its data; train and eval transforms share them).
         carried = resolve_published(init).preprocessing
         mean, std = tuple(carried.get("mean", mean)), tuple(carried.get("std", std))
-    elif init not in ("", "scratch", "none") and str(init).endswith(".pt"):
+    elif not is_scratch(init) and str(init).endswith(".pt"):
         from tlkit.checkpoint import CheckpointError, load_checkpoint
 
         try:
