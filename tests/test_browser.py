@@ -146,14 +146,30 @@ def cyclist_box(frame: int) -> tuple[int, int, int, int]:
     return max(0, x - 30), 70, x + 30, 145
 
 
+# The cyclist (rider and bicycle, ~35x60 px) covers about 2 % of the 360x240 frame: "the heat map marks the
+# bicycle" = most of the map's hottest 2 % lies in his box.
+HOTTEST_SHARE = 0.02
+
+
+def heat_level(overlay: np.ndarray, frame: np.ndarray) -> np.ndarray:
+    """The heat map's level in 0..1 per pixel, read back from the overlay (0.55 x frame + 0.45 x JET colour):
+    the heat part's nearest colour in the JET colour table. Not "red minus blue": JET's red falls again at the
+    top (dark red), so that measure ranked the orange ring around a hot spot above the spot itself."""
+    import cv2
+
+    lut = cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], cv2.COLORMAP_JET)
+    lut = cv2.cvtColor(lut, cv2.COLOR_BGR2RGB)[:, 0].astype(np.float32)
+    heat = (overlay.astype(np.float32) - 0.55 * frame.astype(np.float32)) / 0.45
+    nearest = np.stack([((row[:, None, :] - lut[None]) ** 2).sum(-1).argmin(-1) for row in heat])
+    return nearest.astype(np.float64) / 255.0
+
+
 def heat_inside(overlay: np.ndarray, frame: np.ndarray, box: tuple[int, int, int, int]) -> float:
-    """Share of the overlay's hot colour (red/yellow, where the heat map is high) that lies inside `box`.
-    The frame is grey, so colour in the overlay is the heat map: hot = red channel well above blue."""
-    diff = overlay.astype(np.int32) - (0.55 * frame.astype(np.float32)).astype(np.int32)  # the heat part
-    hot = np.clip(diff[..., 0] - diff[..., 2], 0, None).astype(np.float64)
-    hot[hot < np.percentile(hot, 95)] = 0  # the hottest 5 % of the picture
+    """Share of the heat map's hottest HOTTEST_SHARE of the picture that lies inside `box`."""
+    level = heat_level(overlay, frame)
+    hot = level >= np.quantile(level, 1.0 - HOTTEST_SHARE)
     x0, y0, x1, y1 = box
-    return float(hot[y0:y1, x0:x1].sum() / max(hot.sum(), 1e-9))
+    return float(hot[y0:y1, x0:x1].sum() / max(hot.sum(), 1))
 
 
 def _analyse_sample(page, url: str) -> list[tuple[float, float]]:
@@ -183,17 +199,11 @@ def test_surveillance_page(servers, page, tmp_path: Path) -> None:
     page.screenshot(path=str(tmp_path / "surveillance.png"), full_page=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 15 item 6, partly open: with flow-speed motion, recipe checkpoints from the published "
-    "EfficientNet-Lite0 weights and from the default pretrain alert 1.5-5.9 s on sample.mp4 with the hottest patch "
-    "on the cyclist, but only 0.35 / 0.32 of the hottest 5 % of the overlay lies in the cyclist's box (a second, "
-    "appearance hot spot at the right edge); this test's checkpoint (30 scratch-feature frames, 4 apart) does "
-    "neither; strict: XPASS fails once fixed",
-)
 def test_surveillance_page_finds_the_cyclist(servers, page) -> None:
     """The demo's purpose: an alert covers the cyclist at 3.1 s, and the heat map of the most abnormal frame is
-    hot on the cyclist (its box annotated by eye above)."""
+    hot on the cyclist (its box annotated by eye above). With the fixture's checkpoint (published weights, see
+    test_predict.surveillance_checkpoint) the peak is at 3.3 s with 0.79 of the hottest 2 % in the box; the
+    recipe's own checkpoints (all frames) 0.78 (published weights) and 0.72 (the default `tlkit pretrain`)."""
     from tlkit.data.clips import read_video_frames
 
     spans = _analyse_sample(page, servers["surveillance"].url)
@@ -206,4 +216,4 @@ def test_surveillance_page_finds_the_cyclist(servers, page) -> None:
     overlay = np.asarray(Image.open(io.BytesIO(page.request.get(src).body())).convert("RGB"))
     frames, _ = read_video_frames(SAMPLE_VIDEO)
     inside = heat_inside(overlay, frames[index], cyclist_box(index))
-    assert inside > 0.5, f"{inside:.2f} of the heat map's hottest 5 % on the cyclist (frame {index})"
+    assert inside > 0.5, f"{inside:.2f} of the heat map's hottest {HOTTEST_SHARE:.0%} on the cyclist (frame {index})"

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from test_apps import free_port
-from test_predict import shared_base, surveillance_checkpoint
+from test_predict import IMAGENET_WEIGHTS, shared_base, surveillance_checkpoint
 from typer.testing import CliRunner
 
 from tlkit.paths import data_root
@@ -34,6 +34,8 @@ EVENT_KEYS = ("start_frame", "end_frame", "start_s", "end_s", "peak_frame", "pea
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if not SAMPLE.is_file():
         pytest.skip(f"UCSD Ped2 sample not found at {SAMPLE} (set $TLKIT_DATA)")
+    if not IMAGENET_WEIGHTS.is_file():
+        pytest.skip(f"ImageNet weights not found at {IMAGENET_WEIGHTS} (the surveillance checkpoint starts there)")
     return surveillance_checkpoint(shared_base(tmp_path_factory))
 
 
