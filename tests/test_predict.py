@@ -113,8 +113,9 @@ def surveillance_checkpoint(base: Path) -> Path:
     subset: 20 frames of each of the 7 training clips; alert threshold chosen on Test001 frames 41-100 (the
     cyclist from frame 61). sample.mp4 is cut from Test001 too, so its alert times check the demo, not how well
     the detector generalises. Measured on sample.mp4: one alert 1.3-5.9 s, the peak at 3.3 s, 0.79 of the heat
-    map's hottest 2 % on the cyclist (~13 s to build). Fewer frames are fragile: 12 per clip gave an alert from
-    0.9 s; 30 scratch-feature frames of one clip (this fixture before) missed 3.1 s and heated walkers."""
+    map's hottest 2 % on the cyclist (~13 s to build). Other subsets were fragile: 12 or 25 frames per clip, 5
+    apart, alerted from 0.9 s; 30 per clip, 4 apart, split the alert at 2.4-3.1 s; 30 scratch-feature frames of
+    one clip (this fixture before) missed 3.1 s and heated walkers."""
     with _BUILD_LOCK:
         best = base / "runs" / "finetune-surveillance-test" / "best.pt"
         if best.is_file():
