@@ -262,7 +262,8 @@ def calibrate(ckpt: dict, logits: torch.Tensor, targets: torch.Tensor) -> dict:
     ft = ckpt["recipe"].get("finetune") or {}
     z, y = logits.numpy().astype(np.float64), targets.numpy()
     pos = positive_index(ckpt)
-    result = {"ece_before": expected_calibration_error(softmax(z), y), "nll_before": nll(softmax(z), y)}
+    before = softmax(z)
+    result = {"ece_before": expected_calibration_error(before, y), "nll_before": nll(before, y)}
     temperature, threshold = fit_operating_point(z, y, pos, ft)
     # The temperature minimises val NLL (never above T=1's); ECE is binned and may move a little either way.
     after = softmax(z, temperature)
