@@ -115,6 +115,12 @@ def _motion_grid(
     return _pool_to_grid((grey - _pairs(grey, previous)).abs(), grid), grey[-1:]
 
 
+# `motion_score` -> (the per-patch motion measure, scored by distance to a bank of normal motion?). The one place
+# that maps a checkpoint's motion design to code: flow (new fits), speed and bank (older checkpoints, which keep
+# the measure they were calibrated with; see `PatchCoreScorer.__init__`).
+MOTION_MEASURES = {"flow": (_flow_grid, False), "speed": (_motion_grid, False), "bank": (_motion_grid, True)}
+
+
 class PatchCoreScorer:
     """PatchCore-style one-class scorer: memory bank of normal patch features, kNN distance at test time.
 
@@ -177,6 +183,11 @@ class PatchCoreScorer:
     @property
     def uses_motion(self) -> bool:
         return self.config["motion_weight"] > 0
+
+    @property
+    def _motion_banked(self) -> bool:
+        """Motion scored against a bank of normal motion (the first design), not taken as it is."""
+        return self.uses_motion and MOTION_MEASURES[self.config["motion_score"]][1]
 
     # -- features ------------------------------------------------------------------------------------------
 
@@ -247,7 +258,7 @@ class PatchCoreScorer:
             emb = self._embed_resized(resized)
             motion = None
             if self.uses_motion:
-                measure = _flow_grid if self.config["motion_score"] == "flow" else _motion_grid
+                measure, _ = MOTION_MEASURES[self.config["motion_score"]]
                 motion, previous = measure(resized, previous, tuple(emb.shape[1:3]))
             return batch, emb, motion
 
@@ -288,9 +299,7 @@ class PatchCoreScorer:
         """
         hold_out = calib_frames is None and calib_every > 1
         reservoir = Reservoir(max_candidates, seed)
-        motion_reservoir = (
-            Reservoir(max_candidates, seed + 1) if self.uses_motion and self.config["motion_score"] == "bank" else None
-        )
+        motion_reservoir = Reservoir(max_candidates, seed + 1) if self._motion_banked else None
         calib: list[tuple[torch.Tensor, torch.Tensor | None]] = []
         n_frames = 0
         for batch, emb, motion in self._iter_embedded(frames, batch_size):
@@ -362,7 +371,7 @@ class PatchCoreScorer:
         appearance = self._patch_scores(emb.reshape(-1, d)).reshape(n, h, w)
         if not self.uses_motion or motion is None:
             return appearance, None
-        if self.config.get("motion_score", "bank") in ("flow", "speed"):
+        if not self._motion_banked:
             # How fast the patch moves; the frame score (its fastest patch) is scaled by that maximum's spread
             # over held-out normal frames, which walkers give a real width.
             return appearance, motion.reshape(n, h, w)
@@ -483,6 +492,8 @@ class PatchCoreScorer:
             device=device,
         )
         scorer.config["motion_score"] = cfg.get("motion_score", "bank")  # saved before it existed: bank
+        if scorer.config["motion_score"] not in MOTION_MEASURES:
+            raise ValueError(f"unknown motion_score {scorer.config['motion_score']!r} in this anomaly state")
         if cfg.get("arch") and scorer.config["arch"] and cfg["arch"] != scorer.config["arch"]:
             raise ValueError(f"state was fitted with {cfg['arch']}, got model {scorer.config['arch']}")
         saved_fp, fp = cfg.get("model_fingerprint"), scorer.config["model_fingerprint"]
