@@ -173,6 +173,40 @@ def test_freeze_unfreeze_body_moves_only_after_unfreeze(pretrained, tmp_path, wa
     assert counters and all(int(e2[k]) == int(init[k]) + steps for k in counters)
 
 
+def test_reinit_stages_starts_the_deepest_stage_afresh_from_the_seed(pretrained, tmp_path, watch):
+    """`finetune.reinit_stages: 1`: the model fit builds has the init's stem..layer3 (BatchNorm statistics too) and a
+    layer4 that is timm's fresh init drawn from the run's seed; two runs with one seed train to the same weights."""
+    from tlkit.config import load_recipe
+
+    init = torch.load(pretrained, weights_only=True)["model"]
+    built = []
+    for name in ("a", "b"):
+        over = _tiny_overrides(tmp_path, name, model={"init": str(pretrained)}, finetune={"reinit_stages": 1})
+        fit(load_recipe("imagenet", over), kind="finetune", quiet=True)
+        built.append(watch["before"])
+    torch.manual_seed(0)  # the run's seed (train.seed default)
+    fresh = create_model("resnet18", 4).state_dict()
+    deep = [k for k in init if k.startswith("layer4.")]
+    kept = [k for k in init if not k.startswith(("layer4.", "fc."))]
+    assert deep and kept and any(k.endswith("running_var") for k in deep)
+    convs = [k for k in deep if built[0][k].ndim == 4]
+    assert convs and not any(torch.equal(built[0][k], init[k]) for k in convs), "layer4 convs are still the init's"
+    assert all(torch.equal(built[0][k], fresh[k]) for k in deep), "layer4 (weights + BatchNorm stats) not reset"
+    assert all(torch.equal(built[0][k], init[k]) for k in kept), "stem..layer3 must stay the init's"
+    assert all(torch.equal(built[0][k], built[1][k]) for k in built[0]), "two runs, one seed: one model"
+    tuned_a = torch.load(tmp_path / "a" / "last.pt", weights_only=True)["model"]
+    tuned_b = torch.load(tmp_path / "b" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(tuned_a[k], tuned_b[k]) for k in tuned_a), "not reproducible"
+
+
+def test_reinit_of_every_stage_is_a_clear_error(pretrained, tmp_path):
+    from tlkit.config import load_recipe
+
+    over = _tiny_overrides(tmp_path, "all", model={"init": str(pretrained)}, finetune={"reinit_stages": 5})
+    with pytest.raises(ValueError, match="reinit_stages 5 leaves no pretrained layer: this model has 5 body stages"):
+        fit(load_recipe("imagenet", over), kind="finetune", quiet=True)
+
+
 def test_progressive_resizing_ramps_up_and_ends_at_full_size():
     from tlkit.config import load_recipe
     from tlkit.engine import progressive_size

@@ -183,6 +183,9 @@ class FinetuneConfig(_Checked):
     freeze_epochs: int = rule(1, ge=0)  # freeze-unfreeze: epochs with only the head training
     head_lr_mult: float = rule(5.0, ge=0)  # head LR = recipe LR x this (0: the head stays fixed)
     layer_decay: float = rule(0.7, gt=0, le=1)  # lr multiplier per body stage, deepest stage first (1 = off)
+    # re-initialise the deepest N body stages before training (timm's own init): a weak or far-domain pretrain
+    # transfers its early layers; its late ones fit the pretraining task and fine-tune worse than fresh ones
+    reinit_stages: int = rule(0, ge=0)
     threshold_method: str = rule("youden", choices=THRESHOLD_METHODS)  # binary tasks
     target_sensitivity: float = rule(0.95, gt=0, le=1)
     temperature_scaling: bool = True

@@ -8,6 +8,7 @@ benchmarks time is the run a user launches. Read top-down: device and seeds, the
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Iterable
@@ -24,9 +25,11 @@ from tlkit.config import Recipe
 from tlkit.data.loader import DataBundle, build_datasets, class_weights, make_loader
 from tlkit.data.transforms import Preprocessing, norm_tensors, normalize, preprocessing_for
 from tlkit.distributed import DistInfo, init_distributed
-from tlkit.models import build_model
+from tlkit.models import build_model, create_model, is_scratch
 from tlkit.optim import ModelEma, build_optimizer, build_scheduler
-from tlkit.transfer import Strategy
+from tlkit.transfer import Strategy, reinit_deepest_stages
+
+log = logging.getLogger("tlkit.run")
 
 # ---- device, precision and seeds --------------------------------------------------------------------------
 
@@ -111,6 +114,13 @@ def model_for_recipe(recipe: Recipe, num_classes: int, device: torch.device) -> 
         drop_path_rate=m.drop_path_rate,
         img_size=recipe.data.img_size,  # used only by models with a fixed input size (ViT, Swin)
     )
+    reinit = recipe.finetune.reinit_stages if recipe.finetune and not is_scratch(m.init) else 0
+    if reinit:
+        with torch.random.fork_rng(devices=[]):  # a fresh init from the run's seed; the global RNG stays as it was
+            torch.manual_seed(recipe.train.seed)
+            fresh = create_model(m.arch, num_classes, img_size=recipe.data.img_size)
+        info["reinit"] = reinit_deepest_stages(model, fresh, reinit)
+        log.info("re-initialised the deepest %d body stage(s): %s", reinit, ", ".join(info["reinit"]))
     model.to(device)
     if m.channels_last:
         model.to(memory_format=torch.channels_last)
