@@ -168,7 +168,14 @@ def test_published_block_applies_only_to_published_weights(tmp_path: Path, image
     assert (user.data.img_size, user.train.epochs) == (96, 2)
     first_line = resolved_yaml(recipe, cuda=False).splitlines()[0]
     added = first_line.split("its published: block adds ")[1].split(", ")
-    assert sorted(added) == ["data.img_size=96", "train.epochs=7"], first_line  # the base's block, overlaid
+    # the base's block (traffic-signs: 5 epochs, every stage kept) overlaid by the variant's
+    assert sorted(added) == ["data.img_size=96", "finetune.reinit_stages=0", "train.epochs=7"], first_line
+    # the shipped recipe: the own pretrain's layer4 starts afresh, published ImageNet weights keep every stage
+    reinit = {
+        init: load_recipe("traffic-signs", {"model": {"init": init}}).finetune.reinit_stages
+        for init in (str(trained_run.best), str(imagenet_weights))
+    }
+    assert reinit == {str(trained_run.best): 1, str(imagenet_weights): 0}
 
 
 def test_published_block_is_checked_with_any_init(tmp_path: Path) -> None:
