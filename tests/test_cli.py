@@ -234,7 +234,8 @@ def test_finetune_default_init_is_the_newest_pretrain_run(
     tiny_root: Path, tiny_sets: list[str], cli_sets, _runs_in_tmp: Path
 ) -> None:
     """`tlkit pretrain` then `tlkit finetune` with the recipe's `init: auto`: the fine-tune starts from that run's
-    best.pt (a linear probe keeps the body, so the body of the result is exactly the pretrain's)."""
+    best.pt (a linear probe keeps the body, so the body of the result is exactly the pretrain's; the recipe's
+    `reinit_stages: 1` is not applied to a body that cannot train)."""
     result = runner.invoke(app, ["pretrain", "--quiet", "--arch", "resnet10t", *cli_sets(tiny_sets)])
     assert result.exit_code == 0, result.output
     assert "best checkpoint" in result.stdout

@@ -104,6 +104,25 @@ def test_medical_finetune_beats_chance_and_stores_calibration(medical_run):
     assert "chest_xray" in (medical_run / "report" / "report.md").read_text()
 
 
+def test_binary_finetune_keeps_the_epoch_with_the_best_val_auroc(medical_run, data_dir):
+    """Two classes: every epoch's row has val AUROC, best.pt is the epoch with the highest (not the best top-1 at
+    argmax: the recipe picks its own threshold); the training's AUROC is the report's on the same logits."""
+    from tlkit.engine import topk_metrics
+    from tlkit.tasks.classification.val import checkpoint_logits
+
+    rows = [json.loads(line) for line in (medical_run / "metrics.jsonl").read_text().splitlines()]
+    aurocs = [row["val_auroc"] for row in rows]
+    assert len(aurocs) == 3 and all(0.0 <= a <= 1.0 for a in aurocs)
+    best = max(range(3), key=aurocs.__getitem__)
+    ckpt = torch.load(medical_run / "best.pt", weights_only=True)
+    assert ckpt["epoch"] == rows[best]["epoch"] and ckpt["best_top1"] == rows[best]["val_top1"]
+    assert json.loads((medical_run / "summary.json").read_text())["best_by"] == "val_auroc"
+    # The report scores all of val (training scored max_per_class of it): the same formula on the same logits.
+    report = json.loads((medical_run / "report" / "metrics.json").read_text())
+    logits, targets, _ = checkpoint_logits(ckpt, data_dir / "chest_xray", "val", quiet=True)
+    assert len(targets) == report["n"] and topk_metrics(logits, targets)["val_auroc"] == pytest.approx(report["auroc"])
+
+
 def test_evaluate_uses_the_stored_threshold(medical_run, data_dir):
     """`evaluate` reads threshold/temperature from the checkpoint: same numbers as the run's own report."""
     metrics = evaluate_checkpoint(medical_run / "best.pt", data_dir / "chest_xray", split="val", quiet=True)

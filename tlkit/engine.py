@@ -291,17 +291,31 @@ def predict_logits(
 
 
 def topk_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict:
-    """val_loss, and val_top1 / val_top5 as fractions (the unit of every file tlkit writes)."""
+    """val_loss, and val_top1 / val_top5 as fractions (the unit of every file tlkit writes); two-class tasks add
+    val_auroc (when val holds both classes), which does not depend on which class counts as positive."""
     k = min(5, logits.shape[1])
     top = logits.topk(k, dim=1).indices
     correct = top.eq(targets[:, None])
     n = max(1, len(targets))
-    return {
+    out = {
         "val_loss": float(F.cross_entropy(logits, targets)),
         # counted in Python, as a report's `top1` is: 15 of 50 right is exactly 15 / 50
         "val_top1": int(correct[:, 0].sum()) / n,
         "val_top5": int(correct.any(dim=1).sum()) / n,
     }
+    if logits.shape[1] == 2 and 0 < int(targets.sum()) < len(targets):
+        from sklearn.metrics import roc_auc_score
+
+        # the logit margin ranks as softmax does, without float32 probabilities saturating into ties at 0 and 1
+        margin = (logits[:, 1].double() - logits[:, 0].double()).numpy()
+        out["val_auroc"] = float(roc_auc_score(targets.numpy() == 1, margin))
+    return out
+
+
+def selection_score(row: dict) -> float | None:
+    """What best.pt is chosen by: val AUROC where a row has it (two classes: the binary recipes then choose their
+    own operating point, so top-1 at argmax is not the number they use), else val top-1; None without val."""
+    return row.get("val_auroc", row.get("val_top1"))
 
 
 def evaluate(
@@ -417,8 +431,10 @@ def _fit_run(run: Run, run_dir: Path, *, quiet: bool) -> RunResult:
                     )
             row["skipped"] = stats["skipped"]
             row["seconds"] = time.perf_counter() - t_epoch
+            earlier = [x for x in map(selection_score, state.history) if x is not None]  # a resumed run's too
             state.history.append(row)
-            is_best = row.get("val_top1", -1.0) > state.best_top1 or data.val_loader is None
+            score = selection_score(row)
+            is_best = data.val_loader is None or (score is not None and score > max(earlier, default=-1.0))
             if is_best:
                 state.best_top1 = row.get("val_top1", state.best_top1)
             save(epoch)
@@ -470,6 +486,7 @@ def _finish(run: Run, run_dir: Path, writers: RunWriters) -> RunResult:
             "run_dir": str(run_dir),
             "best": str(run_dir / BEST),
             "best_top1": state.best_top1,
+            "best_by": "val_auroc" if any("val_auroc" in row for row in state.history) else "val_top1",
             "epochs": len(state.history),
             "skipped_images": skipped,
             "data_loader": run.data.loader,

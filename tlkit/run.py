@@ -115,7 +115,9 @@ def model_for_recipe(recipe: Recipe, num_classes: int, device: torch.device) -> 
         img_size=recipe.data.img_size,  # used only by models with a fixed input size (ViT, Swin)
     )
     reinit = recipe.finetune.reinit_stages if recipe.finetune and not is_scratch(m.init) else 0
-    if reinit:
+    if reinit and recipe.finetune.strategy == "linear-probe":  # a frozen body would keep random stages
+        log.info("finetune.reinit_stages %d not applied: linear-probe trains only the head", reinit)
+    elif reinit:
         with torch.random.fork_rng(devices=[]):  # a fresh init from the run's seed; the global RNG stays as it was
             torch.manual_seed(recipe.train.seed)
             fresh = create_model(m.arch, num_classes, img_size=recipe.data.img_size)
@@ -201,7 +203,8 @@ def _say_loader(choice, info: DistInfo) -> None:
 @dataclass
 class RunState:
     """Where training starts (epoch 1, or where a resumed checkpoint stopped) and what it has done so far.
-    `fit` appends to `history` and raises `best_top1` (a fraction; -1 before any evaluation)."""
+    `fit` appends to `history` and sets `best_top1`, the val top-1 (a fraction; -1 before any evaluation) of the
+    epoch best.pt holds, chosen by `engine.selection_score` over `history`."""
 
     start_epoch: int = 1
     start_step: int = 0  # batches of `start_epoch` already trained (a mid-epoch checkpoint)

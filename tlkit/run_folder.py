@@ -97,6 +97,8 @@ def epoch_line(row: dict) -> str:
     if "val_loss" in row:
         parts.append(f"val_loss {row['val_loss']:.4f}")
     parts += [f"{key} {100 * row[key]:.2f}%" for key in ("val_top1", "val_top5") if key in row]
+    if "val_auroc" in row:
+        parts.append(f"val_auroc {row['val_auroc']:.4f}")
     parts += [f"lr {row['lr']:.4g}", f"img/s {row['img_per_s']:.0f}", f"{row['seconds']:.0f}s"]
     return ", ".join(parts)
 
