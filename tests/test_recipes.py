@@ -240,7 +240,9 @@ def test_surveillance_supervised_frame_classifier_on_clips(tmp_path, data_dir):
     over = {
         "model": {"init": "scratch"},
         "data": {"img_size": 64, "max_per_class": 90, "num_workers": 0, "val_clips": ["Test007"]},
-        "train": {"epochs": 3, "batch_size": 30, "out": str(tmp_path / "sup")},
+        # one val pass, after the last epoch: best.pt is that epoch whichever rule picks it (180 val frames of one
+        # clip are too few to choose between three short epochs: by val AUROC the first was kept, 0.80 on all of it)
+        "train": {"epochs": 3, "batch_size": 30, "out": str(tmp_path / "sup"), "eval_every": 3},
         "optim": {"lr": 0.2},
         "finetune": {"strategy": "full"},
     }
@@ -249,7 +251,8 @@ def test_surveillance_supervised_frame_classifier_on_clips(tmp_path, data_dir):
     assert ckpt["classes"] == ["normal", "abnormal"] and ckpt["preprocessing"]["crop_mode"] == "squash"
     assert ckpt["recipe"]["data"]["val_clips"] == ["Test007"]
     metrics = json.loads((run_dir / "report" / "metrics.json").read_text())
-    # abnormal frames of an unseen clip rank above its normal ones: measured AUROC 0.898 (seed 0, one thread)
+    # abnormal frames of an unseen clip rank above its normal ones: measured AUROC 0.874 (seed 0, one thread; the
+    # same with the slow kind's instruction set)
     assert metrics["auroc"] > 0.82, metrics
     assert (run_dir / "report" / "roc.png").is_file()
     # evaluate reads the clip layout from the checkpoint: a folder holding one labelled clip works too
