@@ -318,6 +318,11 @@ def selection_score(row: dict) -> float | None:
     return row.get("val_auroc", row.get("val_top1"))
 
 
+def best_row(history: list[dict]) -> dict | None:
+    """The epoch best.pt holds: the highest `selection_score`, the earliest on a tie; None before any val pass."""
+    return max((row for row in history if selection_score(row) is not None), key=selection_score, default=None)
+
+
 def evaluate(
     model: nn.Module, loader: Iterable, ctx: StepContext, *, tta_flip: bool = False, progress: Progress | None = None
 ) -> dict:
@@ -431,10 +436,8 @@ def _fit_run(run: Run, run_dir: Path, *, quiet: bool) -> RunResult:
                     )
             row["skipped"] = stats["skipped"]
             row["seconds"] = time.perf_counter() - t_epoch
-            earlier = [x for x in map(selection_score, state.history) if x is not None]  # a resumed run's too
-            state.history.append(row)
-            score = selection_score(row)
-            is_best = data.val_loader is None or (score is not None and score > max(earlier, default=-1.0))
+            state.history.append(row)  # a resumed run's history holds the epochs before it too
+            is_best = data.val_loader is None or best_row(state.history) is row
             if is_best:
                 state.best_top1 = row.get("val_top1", state.best_top1)
             save(epoch)
@@ -486,7 +489,7 @@ def _finish(run: Run, run_dir: Path, writers: RunWriters) -> RunResult:
             "run_dir": str(run_dir),
             "best": str(run_dir / BEST),
             "best_top1": state.best_top1,
-            "best_by": "val_auroc" if any("val_auroc" in row for row in state.history) else "val_top1",
+            "best_by": "val_auroc" if "val_auroc" in (best_row(state.history) or {}) else "val_top1",
             "epochs": len(state.history),
             "skipped_images": skipped,
             "data_loader": run.data.loader,

@@ -204,7 +204,7 @@ def _say_loader(choice, info: DistInfo) -> None:
 class RunState:
     """Where training starts (epoch 1, or where a resumed checkpoint stopped) and what it has done so far.
     `fit` appends to `history` and sets `best_top1`, the val top-1 (a fraction; -1 before any evaluation) of the
-    epoch best.pt holds, chosen by `engine.selection_score` over `history`."""
+    epoch best.pt holds (`engine.best_row` of `history`)."""
 
     start_epoch: int = 1
     start_step: int = 0  # batches of `start_epoch` already trained (a mid-epoch checkpoint)

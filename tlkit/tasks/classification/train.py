@@ -79,8 +79,10 @@ def _print_heldout(heldout: dict | None) -> None:
 
 def _print_next(result, recipe: Recipe, kind: str, has_val: bool) -> None:
     run_dir, root = result.run_dir, result.extras["bundle"].root
-    auroc = [r["val_auroc"] for r in result.history if r.get("val_auroc") is not None]
-    chosen = f"val AUROC {max(auroc):.4f}, " if auroc else ""  # two classes: best.pt is chosen by AUROC
+    from tlkit.engine import best_row
+
+    best = best_row(result.history) or {}
+    chosen = f"val AUROC {best['val_auroc']:.4f}, " if "val_auroc" in best else ""  # two classes: chosen by AUROC
     top1 = f"  ({chosen}val top-1 {100 * result.best_top1:.2f}%)" if result.best_top1 >= 0 else ""  # -1: no val
     console.print(f"\n[bold]best checkpoint:[/bold] {result.best_path}{top1}")
     if has_val:
